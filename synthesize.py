@@ -1,0 +1,277 @@
+"""
+synthesize.py -- run the agent on normal images and write the anomalies it synthesizes.
+
+    python synthesize.py                                  # expert agent, toy world, eval categories
+    python synthesize.py --data mvtec --data-root /data/mvtec_anomaly_detection --per-type 30
+    python synthesize.py --tools PG,IG,QE,MG --out runs/synth-no-kr   # ablation: no knowledge
+
+For every (category, anomaly type) it plays --per-type episodes, each on a normal training image,
+through the shared episode runner (tools.run_episodes), and writes:
+
+    OUT/<category>/<type>/image/<i>.png       the final anomaly image (the layout evaluate.py reads)
+    OUT/<category>/<type>/mask/<i>.png        its mask
+    OUT/<category>/<type>/steps/<i>/<k>.png   every image of the episode, k = the agent's numbering
+    OUT/trajectories.jsonl                    one trajectory per line, images by relative path
+    OUT/index.html                            a gallery: normal, anomaly, mask and the agent's turns
+    OUT/overview.png                          one row per type: normal, then anomalies and outlines
+    OUT/config.json, OUT/summary.json         the settings, and the run's rates
+
+Rerunning with the same settings resumes: finished samples are kept and only missing ones are made.
+Simplifies: the offline tool backends (procedural painter, measured judge) stand in for the paper's
+Gemini models; the policy is the scripted expert until sft.py trains one.
+"""
+import argparse
+import html
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+import tools
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default="toy", help="toy (built in, generated on first use), mvtec or visa")
+    data.add_argument("--data-root", default=None, help="the dataset's folder (for toy: where to cache it)")
+    data.add_argument("--size", type=int, default=None, help="image side in pixels (toy 128, real 256)")
+    data.add_argument("--categories", default=None, help="comma list; default: the evaluation group")
+    data.add_argument("--types", default=None, help="comma list of anomaly types; default: all")
+    data.add_argument("--per-type", type=int, default=5, help="samples per (category, type)")
+    agent = p.add_argument_group("agent")
+    agent.add_argument("--policy", default="expert", help="expert (scripted); trained policies come with sft.py")
+    agent.add_argument("--tools", default="PG,IG,QE,KR,MG", help="tools the agent may call (ablations)")
+    agent.add_argument("--max-turns", type=int, default=10, help="turns per episode (paper: 10)")
+    run = p.add_argument_group("run")
+    run.add_argument("--out", default="runs/synth", help="output folder; an existing one is resumed")
+    run.add_argument("--seed", type=int, default=0, help="seed of the agent and the tools")
+    run.add_argument("--batch-size", type=int, default=16, help="episodes played side by side")
+    return p.parse_args(argv)
+
+
+# settings that change what a sample looks like: a resumed run must share them
+RUN_SETTINGS = ("data", "data_root", "size", "policy", "tools", "max_turns", "seed")
+
+
+def prepare_out(out, args) -> dict:
+    """Create or resume OUT; returns the finished records by id. Never overwrites another run."""
+    config = {k: getattr(args, k) for k in RUN_SETTINGS}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise tools.UserError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    config_path = out / "config.json"
+    if config_path.exists():
+        old = json.loads(config_path.read_text())
+        diff = [f"--{k.replace('_', '-')} {old.get(k)} -> {config[k]}" for k in RUN_SETTINGS
+                if old.get(k) != config[k]]
+        if diff:
+            raise tools.UserError(f"{out} holds a run made with other settings ({'; '.join(diff)}); "
+                                  "pass another --out, or delete it")
+    elif any(out.iterdir()):
+        raise tools.UserError(f"{out} exists and is not a synthesize.py output; pass another --out")
+    config_path.write_text(json.dumps(config, indent=1))
+    done, lines = {}, []
+    log = out / "trajectories.jsonl"
+    if log.exists():
+        for line in log.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:   # a line cut short by a kill: that sample is redone
+                continue
+            done[record["id"]] = record
+            lines.append(line)
+        tmp = log.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        tmp.replace(log)
+    return done
+
+
+def make_tasks(dataset, args) -> list:
+    categories = args.categories.split(",") if args.categories else dataset.eval_categories
+    tasks = []
+    for cat in categories:
+        dataset.check_category(cat)
+        types = dataset.types(cat)
+        if args.types:
+            types = [t for t in args.types.split(",") if t in types]
+            if not types:
+                raise tools.UserError(f"none of --types {args.types} exists for {cat}; known: "
+                                      f"{', '.join(dataset.types(cat))}")
+        normals = dataset.train_good[cat]
+        if not normals:
+            raise tools.UserError(f"no normal training images for {cat} under {dataset.root}")
+        order = np.random.default_rng(tools.stable_seed(args.seed, cat)).permutation(len(normals))
+        for t in types:
+            for i in range(args.per_type):
+                path = normals[order[i % len(normals)]]
+                tasks.append(dict(id=f"{cat}/{t}/{i:03d}", category=cat, anomaly_type=t, path=path,
+                                  seed=tools.stable_seed(args.seed, cat, t, i)))
+    return tasks
+
+
+def save_record(record, task, out, toolbox) -> dict:
+    """Write the episode's images and return its JSON record, images replaced by relative paths."""
+    cat, t, i = record["id"].split("/")
+    base = Path(cat) / t
+    paths = {}
+    for k, image in enumerate(record["images"], 1):
+        paths[id(image)] = str(base / "steps" / i / f"{k}.png")
+        tools.save_png(image, out / paths[id(image)])
+    final, mask_index = record["final_image_index"], record["mask_index"]
+    record["final_image"] = record["mask"] = None
+    if final is not None:
+        record["final_image"] = str(base / "image" / f"{i}.png")
+        tools.save_png(record["images"][final - 1], out / record["final_image"])
+        if mask_index is not None:
+            mask = record["images"][mask_index - 1] > 0
+        else:   # the mask tool was switched off: measure the change afterwards, outside the agent
+            mask = toolbox.segmenter.segment(record["images"][0], record["images"][final - 1])
+        record["mask"] = str(base / "mask" / f"{i}.png")
+        tools.save_png(mask, out / record["mask"])
+    for message in record["messages"]:
+        if isinstance(message["content"], list):
+            message["content"] = [{"type": "image", "image": paths[id(part["image"])]}
+                                  if part["type"] == "image" else part for part in message["content"]]
+    record["step_images"] = [paths[id(im)] for im in record.pop("images")]
+    record["normal_image"] = str(task["path"])
+    return record
+
+
+def summarize(records) -> dict:
+    turns = [t for r in records for t in r["turns"]]
+    multi = [r for r in records if len(r["attempts"]) >= 2]
+    finals = [r["final_score"] for r in records if r["final_score"] is not None]
+    completed = [r for r in records if r["stop_reason"] == "answer" and r["mask"] is not None
+                 and "mask_gen" in r["tool_calls"]]
+    return {
+        "samples": len(records),
+        "well_formed_turns": sum(t["format_ok"] for t in turns) / max(len(turns), 1),
+        "completed": len(completed) / max(len(records), 1),
+        "multi_attempt": len(multi) / max(len(records), 1),
+        "improved_when_refined": sum(r["final_score"] is not None and r["qe_scores"] and
+                                     r["final_score"] > r["qe_scores"][0] for r in multi) / max(len(multi), 1),
+        "mean_final_score": float(np.mean(finals)) if finals else None,
+        "passed": sum(s >= tools.PASS_SCORE for s in finals) / max(len(records), 1),
+        "mean_turns": float(np.mean([r["num_turns"] for r in records])) if records else 0.0,
+    }
+
+
+def write_gallery(out, records) -> None:
+    """index.html: per sample the normal image, the anomaly, the mask and the agent's turns."""
+    def img(path, title=""):
+        return f'<figure><img src="{html.escape(path)}"><figcaption>{html.escape(title)}</figcaption></figure>'
+
+    rows, current = [], None
+    for r in sorted(records, key=lambda r: r["id"]):
+        group = f"{r['category']} / {r['anomaly_type']}"
+        if group != current:
+            rows.append(f"<h2>{html.escape(group)}</h2>")
+            current = group
+        scores = ", ".join(f"{s:g}" for s in r["qe_scores"]) or "none"
+        figures = [img(r["step_images"][0], "normal (image 1)")]
+        figures += [img(r["step_images"][a["image_index"] - 1],
+                        f"attempt {n}: {a['score'] if a['score'] is not None else '?'}/10")
+                    for n, a in enumerate(r["attempts"], 1)]
+        if r["final_image"]:
+            figures += [img(r["final_image"], f"final: image {r['final_image_index']}"),
+                        img(r["mask"], "mask")]
+        turns = []
+        for m in r["messages"][2:]:
+            parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+            body = "".join(f'<img class="small" src="{html.escape(p["image"])}">' if p["type"] == "image"
+                           else f"<pre>{html.escape(p['text'])}</pre>" for p in parts)
+            turns.append(f'<div class="{m["role"]}"><b>{m["role"]}</b>{body}</div>')
+        rows.append(f'<section><h3>{html.escape(r["id"])} &middot; QE scores: {scores} &middot; '
+                    f'{r["num_turns"]} turns</h3><div class="row">{"".join(figures)}</div>'
+                    f'<details><summary>the agent\'s turns</summary>{"".join(turns)}</details></section>')
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>AnomalyAgent samples</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:70em}} .row{{display:flex;flex-wrap:wrap;gap:.5em}}
+figure{{margin:0}} figure img{{width:160px;image-rendering:pixelated}} figcaption{{font-size:.8em}}
+img.small{{width:96px;image-rendering:pixelated}} pre{{white-space:pre-wrap;margin:.2em 0}}
+.assistant{{background:#eef4ff;padding:.3em}} .tool{{background:#f4f4f4;padding:.3em}}</style></head>
+<body><h1>AnomalyAgent: {len(records)} synthesized samples</h1>{"".join(rows)}</body></html>"""
+    tmp = out / "index.html.tmp"
+    tmp.write_text(page)
+    tmp.replace(out / "index.html")
+
+
+def write_overview(out, records, per_row=4) -> None:
+    """overview.png: one row per (category, type): a normal image, then anomalies with their masks
+    drawn as red outlines. A picture to glance at, or to put in a paper or a README."""
+    rows = {}
+    for r in sorted(records, key=lambda r: r["id"]):
+        if r["final_image"]:
+            rows.setdefault((r["category"], r["anomaly_type"]), []).append(r)
+    if not rows:
+        return
+    tiles = []
+    for group in rows.values():
+        tile = [tools.load_image(out / group[0]["step_images"][0])]
+        for r in group[:per_row]:
+            image = tools.load_image(out / r["final_image"]).copy()
+            mask = tools.load_mask(out / r["mask"])
+            image[mask & ~ndimage.binary_erosion(mask)] = (255, 0, 0)
+            tile += [tools.load_image(out / r["final_image"]), image]
+        side = tile[0].shape[0]
+        blank = np.full((side, side, 3), 255, np.uint8)
+        tiles.append(np.concatenate(tile + [blank] * (1 + 2 * per_row - len(tile)), axis=1))
+    tools.save_png(np.concatenate(tiles, axis=0), out / "overview.png")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    args.tools = ",".join(tools.parse_tools_flag(args.tools))
+    if args.policy != "expert":
+        raise tools.UserError("--policy: only 'expert' exists so far; trained policies come with sft.py")
+    dataset = tools.load_dataset(args.data, args.data_root, args.size)
+    out = Path(args.out)
+    tasks = make_tasks(dataset, args)
+    done = prepare_out(out, args)
+    todo = [t for t in tasks if t["id"] not in done]
+    print(f"{len(tasks)} samples on {dataset.name} ({len(done)} already in {out}, {len(todo)} to make)")
+
+    toolbox = tools.Toolbox(enabled=args.tools.split(","))
+    policy = tools.ExpertPolicy(seed=args.seed)
+    records = [done[t["id"]] for t in tasks if t["id"] in done]
+    with open(out / "trajectories.jsonl", "a") as log, tqdm(total=len(todo), desc="synthesizing") as bar:
+        for start in range(0, len(todo), args.batch_size):
+            batch = todo[start:start + args.batch_size]
+            episodes = [tools.Task(id=t["id"], category=t["category"], anomaly_type=t["anomaly_type"],
+                                   image=dataset.load(t["path"]), kind=dataset.kinds[t["category"]],
+                                   dataset=dataset.name, seed=t["seed"], image_path=str(t["path"]))
+                        for t in batch]
+            results = tools.run_episodes(policy, episodes, toolbox, args.max_turns,
+                                         on_finish=lambda e: bar.update())
+            for record, task in zip(results, batch):
+                record = save_record(record, task, out, toolbox)
+                log.write(json.dumps(record) + "\n")
+                records.append(record)
+            log.flush()
+            os.fsync(log.fileno())
+
+    summary = summarize(records)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_gallery(out, records)
+    write_overview(out, records)
+    print(f"{summary['samples']} samples | completed (answer after mask) {summary['completed']:.0%} | "
+          f"well-formed turns {summary['well_formed_turns']:.0%} | 2+ attempts "
+          f"{summary['multi_attempt']:.0%} (final beats first in {summary['improved_when_refined']:.0%}) | "
+          f"mean final QE {summary['mean_final_score'] or 0:.2f} | passed {summary['passed']:.0%}")
+    print(f"gallery: {out / 'index.html'}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except tools.UserError as e:
+        sys.exit(f"error: {e}")

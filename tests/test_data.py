@@ -1,0 +1,161 @@
+"""The data section: the toy world, and the MVTec-AD and VisA loaders on tiny fixtures written here."""
+import numpy as np
+import pytest
+from PIL import Image
+
+import tools
+
+
+def png(path, value=128, size=16, mask=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mask:
+        a = np.zeros((size, size), np.uint8)
+        a[4:8, 4:8] = 255
+    else:
+        a = np.full((size, size, 3), value, np.uint8)
+    Image.fromarray(a).save(path)
+
+
+# ---- toy world ---------------------------------------------------------------------------------
+
+def test_toy_world_layout_counts_and_groups(toy, toy_root):
+    kinds = list(toy.kinds.values())
+    assert kinds.count("texture") >= 3 and kinds.count("object") >= 3
+    types = {t for c in toy.categories for t in toy.types(c)}
+    assert len(types) >= 8 and all(3 <= len(toy.types(c)) <= 4 for c in toy.categories)
+    assert set(toy.train_categories).isdisjoint(toy.eval_categories)
+    assert set(toy.train_categories) | set(toy.eval_categories) == set(toy.categories)
+    for c in toy.categories:
+        assert len(toy.train_good[c]) >= 20 and len(toy.test_good[c]) >= 10
+        for t in toy.types(c):
+            found = toy.anomalies_of(c, t)
+            assert len(found) >= 15
+            assert all(a.mask == toy_root / c / "ground_truth" / t / f"{a.image.stem}_mask.png" for a in found)
+    assert toy.load(toy.train_good["wood"][0]).shape == (128, 128, 3)
+
+
+def test_toy_world_is_deterministic_and_masks_are_exact(tmp_path):
+    counts = {"train_good": 2, "test_good": 1, "per_type": 3}
+    for name in ("a", "b"):
+        tools.generate_toy_world(tmp_path / name, size=64, seed=3, counts=counts, categories=["nut", "wood"])
+    for f in sorted((tmp_path / "a").rglob("*.png")):
+        assert f.read_bytes() == (tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes()
+    for cat, spec in tools.TOY_CATEGORIES.items():
+        for t in spec["types"]:
+            rng = np.random.default_rng([1, tools.stable_seed(cat, t)])
+            image, fg = tools.render_normal(cat, rng, 96)
+            out, mask = tools.render_anomaly(cat, t, image, fg, rng)
+            assert mask.any() and np.array_equal(out[~mask], image[~mask]), (cat, t)
+            assert tools.change_map(image, out)[mask].mean() > 15, (cat, t)
+            if spec["kind"] == "object":
+                assert (mask <= fg).all(), (cat, t)
+
+
+def test_toy_images_vary_in_pose_and_lighting(toy):
+    a, b = (toy.load(p).astype(float) for p in toy.train_good["washer"][:2])
+    assert np.abs(a - b).mean() > 3
+    fa, fb = (tools.foreground_mask(toy.load(p), "object") for p in toy.train_good["washer"][:2])
+    assert (fa ^ fb).sum() > 20              # the object moved or turned
+
+
+def test_split_is_first_third_by_file_name(toy):
+    refs, test = toy.split("wood", "hole")
+    assert len(refs) == 5 and len(test) == 10
+    names = [a.image.name for a in refs + test]
+    assert names == sorted(names)
+    refs, test = tools.Dataset.split(toy, "wood", "hole")
+    assert refs[-1].image.name < test[0].image.name
+
+
+# ---- MVTec-AD ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def mvtec(tmp_path):
+    root = tmp_path / "mvtec"
+    for i in range(3):
+        png(root / "bottle" / "train" / "good" / f"{i:03d}.png")
+    png(root / "bottle" / "test" / "good" / "000.png")
+    for i in range(4):
+        png(root / "bottle" / "test" / "broken_large" / f"{i:03d}.png", value=40)
+        png(root / "bottle" / "ground_truth" / "broken_large" / f"{i:03d}_mask.png", mask=True)
+    return root
+
+
+def test_mvtec_loader_reads_the_published_layout(mvtec):
+    ds = tools.load_dataset("mvtec", mvtec, size=32)
+    assert ds.categories == ["bottle"] and ds.types("bottle") == ["broken_large"]
+    assert ds.kinds["bottle"] == "object"
+    assert len(ds.train_good["bottle"]) == 3 and len(ds.test_good["bottle"]) == 1
+    refs, test = ds.split("bottle", "broken_large")
+    assert [a.image.name for a in refs] == ["000.png", "001.png"] and len(test) == 2
+    assert ds.load(refs[0].image).shape == (32, 32, 3)
+    mask = ds.load_mask(refs[0].mask)
+    assert mask.shape == (32, 32) and 0 < mask.mean() < 0.5
+
+
+def test_mvtec_loader_errors_name_the_problem(mvtec, tmp_path):
+    with pytest.raises(tools.UserError, match="needs --data-root"):
+        tools.load_dataset("mvtec")
+    with pytest.raises(tools.UserError, match="does not exist"):
+        tools.load_dataset("mvtec", tmp_path / "nowhere")
+    with pytest.raises(tools.UserError, match="train/good"):
+        tools.load_dataset("mvtec", tmp_path)
+    ds = tools.load_dataset("mvtec", mvtec)
+    with pytest.raises(tools.UserError, match="unknown category 'hazelnut'.*known: bottle"):
+        ds.check_category("hazelnut")
+    with pytest.raises(tools.UserError, match="unknown anomaly type 'hole'"):
+        ds.check_type("bottle", "hole")
+    (mvtec / "bottle" / "train" / "good" / "001.png").write_bytes(b"not a png")
+    with pytest.raises(tools.UserError, match="cannot read image .*001.png"):
+        ds.load(ds.train_good["bottle"][1])
+    (mvtec / "bottle" / "ground_truth" / "broken_large" / "003_mask.png").unlink()
+    with pytest.raises(tools.UserError, match="missing mask .*003_mask.png"):
+        tools.load_dataset("mvtec", mvtec)
+
+
+# ---- VisA --------------------------------------------------------------------------------------
+
+@pytest.fixture
+def visa(tmp_path):
+    root = tmp_path / "visa"
+    rows = ["object,split,label,image,mask"]
+    anno = ["image,label,mask"]
+    for i in range(3):
+        img = f"candle/Data/Images/Normal/{i:04d}.JPG"
+        png(root / img)
+        rows.append(f"candle,{'train' if i < 2 else 'test'},normal,{img},")
+        anno.append(f"{img},normal,")
+    labels = ["chunk of wax missing", "chunk of wax missing", "weird candle wick",
+              '"extra wax in candle,wax melded out of the candle"']
+    for i, label in enumerate(labels):
+        img, mask = f"candle/Data/Images/Anomaly/{i:03d}.JPG", f"candle/Data/Masks/Anomaly/{i:03d}.png"
+        png(root / img, value=60)
+        png(root / mask, mask=True)
+        rows.append(f"candle,test,anomaly,{img},{mask}")
+        anno.append(f"{img},{label},{mask}")
+    (root / "split_csv").mkdir(parents=True)
+    (root / "split_csv" / "1cls.csv").write_text("\n".join(rows) + "\n")
+    (root / "candle" / "image_anno.csv").write_text("\n".join(anno) + "\n")
+    return root
+
+
+def test_visa_loader_reads_split_csv_and_image_anno(visa):
+    ds = tools.load_dataset("visa", visa, size=16)
+    assert ds.categories == ["candle"] and ds.train_categories == ["candle"]
+    assert len(ds.train_good["candle"]) == 2 and len(ds.test_good["candle"]) == 1
+    assert ds.types("candle") == ["chunk_of_wax_missing", "combined", "weird_candle_wick"]
+    a = ds.anomalies_of("candle", "chunk_of_wax_missing")[0]
+    assert ds.load_mask(a.mask).any()
+    assert tools.KnowledgeBase().lookup("candle", "chunk of wax missing", "visa")["category"] == "candle"
+
+
+def test_visa_loader_errors_name_the_problem(visa):
+    (visa / "candle" / "image_anno.csv").unlink()
+    with pytest.raises(tools.UserError, match="image_anno.csv not found"):
+        tools.load_dataset("visa", visa)
+    (visa / "split_csv" / "1cls.csv").write_text("object,image\ncandle,x.JPG\n")
+    with pytest.raises(tools.UserError, match="must have the columns"):
+        tools.load_dataset("visa", visa)
+    (visa / "split_csv" / "1cls.csv").unlink()
+    with pytest.raises(tools.UserError, match="1cls.csv not found"):
+        tools.load_dataset("visa", visa)

@@ -1,0 +1,156 @@
+"""synthesize.py end to end, as a user runs it (subprocesses), plus its acceptance measurements."""
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+import tools
+from conftest import run_script
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "trajectories.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def default_run(toy_root, tmp_path_factory):
+    """`python synthesize.py` with its defaults (on the session's toy world)."""
+    out = tmp_path_factory.mktemp("synth") / "out"
+    result = run_script("synthesize.py", "--data-root", toy_root, "--out", out)
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def test_default_run_covers_every_eval_type_with_complete_trajectories(default_run, toy):
+    out, result = default_run
+    rs = records(out)
+    assert "samples | completed (answer after mask) 100%" in result.stdout
+    for cat in toy.eval_categories:
+        for t in toy.types(cat):
+            mine = [r for r in rs if (r["category"], r["anomaly_type"]) == (cat, t)]
+            assert len(mine) >= 5
+            for i in range(5):
+                assert (out / cat / t / "image" / f"{i:03d}.png").is_file()
+                assert (out / cat / t / "mask" / f"{i:03d}.png").is_file()
+    for r in rs:
+        calls = r["tool_calls"]
+        assert calls[:3] == ["prompt_gen", "image_gen", "quality_eval"] and calls[-2:] == ["mask_gen", "answer"]
+        assert r["format_valid"] and r["stop_reason"] == "answer"
+        # every message's image is a file beside the log
+        for m in r["messages"]:
+            for part in m["content"] if isinstance(m["content"], list) else []:
+                if part["type"] == "image":
+                    assert (out / part["image"]).is_file()
+
+
+def test_masks_are_nonempty_and_nothing_outside_them_changed(default_run, toy):
+    out, _ = default_run
+    for r in records(out):
+        normal = tools.load_image(out / r["step_images"][0])
+        image = tools.load_image(out / r["final_image"])
+        mask = tools.load_mask(out / r["mask"])
+        assert mask.any(), r["id"]
+        outside = ~ndimage.binary_dilation(mask, iterations=3)
+        # mean absolute change below 1/255 of the range, i.e. one grey level
+        assert np.abs(image.astype(float) - normal)[outside].mean() < 1.0, r["id"]
+        assert np.array_equal(normal, toy.load(r["normal_image"]))
+
+
+def test_the_agent_refines_and_refinement_pays(default_run):
+    out, _ = default_run
+    rs = records(out)
+    refined = [r for r in rs if len(r["attempts"]) >= 2]
+    assert len(refined) >= 0.2 * len(rs)
+    assert all(r["final_score"] > r["qe_scores"][0] for r in refined)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples"] == len(rs) and summary["multi_attempt"] == len(refined) / len(rs)
+
+
+def test_samples_of_a_type_differ(default_run):
+    out, _ = default_run
+    masks = [tools.load_mask(p) for p in sorted((out / "wood" / "stain" / "mask").glob("*.png"))]
+    centres = {tuple(np.round(ndimage.center_of_mass(m)).astype(int) // 10) for m in masks}
+    assert len(centres) == len(masks)
+    areas = [m.sum() for m in masks]
+    assert max(areas) > 1.3 * min(areas)
+
+
+def test_gallery_shows_every_sample(default_run):
+    out, _ = default_run
+    page = (out / "index.html").read_text()
+    for r in records(out):
+        assert r["id"] in page and r["final_image"] in page and r["mask"] in page
+
+
+def test_rerun_resumes_and_keeps_finished_samples(toy_root, tmp_path):
+    out = tmp_path / "out"
+    args = ["--data-root", toy_root, "--out", out, "--categories", "washer", "--per-type", "2"]
+    assert run_script("synthesize.py", *args).returncode == 0
+    first = (out / "trajectories.jsonl").read_text().splitlines()
+    stamp = (out / "washer" / "crack" / "image" / "000.png").stat().st_mtime_ns
+    # a run killed while writing leaves a cut line: that sample is redone, the others are kept
+    (out / "trajectories.jsonl").write_text("\n".join(first[:-1]) + "\n" + first[-1][:50])
+    result = run_script("synthesize.py", *args)
+    assert result.returncode == 0 and "5 already in" in result.stdout
+    again = (out / "trajectories.jsonl").read_text().splitlines()
+    assert sorted(again) == sorted(first)       # the redone sample is identical (deterministic)
+    assert (out / "washer" / "crack" / "image" / "000.png").stat().st_mtime_ns == stamp
+    # more samples per type extend the run
+    result = run_script("synthesize.py", *args[:-1], "3")
+    assert result.returncode == 0 and len(records(out)) == 9
+
+
+def test_seeds_and_tool_ablations(toy_root, tmp_path):
+    base = ["--data-root", toy_root, "--categories", "bottle", "--per-type", "2"]
+    a = run_script("synthesize.py", *base, "--out", tmp_path / "a")
+    b = run_script("synthesize.py", *base, "--out", tmp_path / "b", "--seed", "1")
+    no_kr = run_script("synthesize.py", *base, "--out", tmp_path / "c", "--tools", "PG,IG,QE,MG")
+    assert a.returncode == b.returncode == no_kr.returncode == 0
+    assert records(tmp_path / "a") != records(tmp_path / "b")
+    assert all("knowledge_retrieval" not in r["tool_calls"] for r in records(tmp_path / "c"))
+    bare = run_script("synthesize.py", *base, "--out", tmp_path / "d", "--tools", "IG")
+    assert bare.returncode == 0
+    for r in records(tmp_path / "d"):
+        assert r["tool_calls"] == ["image_gen", "answer"] and (tmp_path / "d" / r["mask"]).is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "mvtec"], "needs --data-root"),
+    (["--data", "mvtec", "--data-root", "/nonexistent/mvtec"], "does not exist"),
+    (["--categories", "spaceship"], "unknown category 'spaceship'"),
+    (["--categories", "wood", "--types", "melted"], "none of --types melted exists for wood"),
+    (["--tools", "PG,XX"], "unknown tool 'XX'"),
+    (["--policy", "runs/sft"], "only 'expert' exists"),
+])
+def test_bad_input_is_one_line(args, message, toy_root, tmp_path):
+    root = [] if "--data" in args else ["--data-root", toy_root]
+    result = run_script("synthesize.py", *root, "--out", tmp_path / "o", *args)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unwritable_or_foreign_output_and_corrupt_images(toy_root, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run_script("synthesize.py", "--data-root", toy_root, "--out", blocker / "out")
+    assert result.returncode != 0 and "cannot write to --out" in result.stderr
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    result = run_script("synthesize.py", "--data-root", toy_root, "--out", tmp_path / "foreign")
+    assert "is not a synthesize.py output" in result.stderr
+    # a run with other settings is never overwritten
+    args = ["--data-root", toy_root, "--categories", "washer", "--per-type", "1"]
+    assert run_script("synthesize.py", *args, "--out", tmp_path / "o").returncode == 0
+    result = run_script("synthesize.py", *args, "--out", tmp_path / "o", "--seed", "9")
+    assert result.returncode != 0 and "--seed 0 -> 9" in result.stderr
+    # a corrupt normal image is named
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(toy_root, broken)
+    for p in (broken / "washer" / "train" / "good").glob("*.png"):
+        p.write_bytes(b"garbage")
+    result = run_script("synthesize.py", "--data-root", broken, "--categories", "washer",
+                        "--per-type", "1", "--out", tmp_path / "p")
+    assert result.returncode != 0 and "cannot read image" in result.stderr and ".png" in result.stderr

@@ -1,0 +1,1434 @@
+"""
+tools.py -- everything the stages share, in the order data flows through the method:
+
+  1. Data: the toy world, MVTec-AD and VisA behind one small interface
+  2. Knowledge: the knowledge base (knowledge.json) and the image measurements the tools share
+  3. The five tools: prompt generation (PG), image generation (IG), quality evaluation (QE),
+     knowledge retrieval (KR), mask generation (MG), each with an offline backend
+  4. The agent protocol: system prompt, tool schemas, turn parser, observations
+  5. The episode runner: plays a policy against the tools, returns trajectory records
+  6. The expert (scripted) policy: the canonical tool order, the teacher and the no-training agent
+
+The offline backends need no downloaded weights and run on a laptop CPU. They are deliberately
+*measured* rather than learned: the painter reads defect words from the prompt, the judge measures
+the change it sees, so every decision the agent makes has a visible, checkable consequence.
+"""
+import json
+import math
+import re
+import shutil
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+HERE = Path(__file__).resolve().parent
+
+
+class UserError(Exception):
+    """A problem with the user's input: stages print it as one line, never as a traceback."""
+
+
+def stable_seed(*parts) -> int:
+    """A seed from any mix of ints and strings that is the same in every process (unlike hash())."""
+    return zlib.crc32("|".join(str(p) for p in parts).encode())
+
+
+# ==============================================================================================
+# 1. Data
+# ==============================================================================================
+
+def load_image(path, size=None) -> np.ndarray:
+    """An RGB image as HxWx3 uint8, resized to size x size when size is given."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if size and im.size != (size, size):
+                im = im.resize((size, size), Image.BICUBIC)
+            return np.asarray(im).copy()
+    except FileNotFoundError:
+        raise UserError(f"image not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def load_mask(path, size=None) -> np.ndarray:
+    """A defect mask as HxW bool (any non-zero pixel is defect, as in MVTec-AD and VisA)."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L")
+            if size and im.size != (size, size):
+                im = im.resize((size, size), Image.NEAREST)
+            return np.asarray(im) > 0
+    except OSError as e:
+        raise UserError(f"cannot read mask {path}: {e}") from None
+
+
+def save_png(array, path) -> None:
+    """Write a PNG atomically, so a killed run never leaves a half-written image behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+@dataclass(frozen=True)
+class Anomaly:
+    image: Path
+    mask: Path
+    category: str
+    anomaly_type: str
+
+
+@dataclass
+class Dataset:
+    """One interface over the toy world, MVTec-AD and VisA.
+
+    train_categories feed trajectories and RL, eval_categories feed synthesis and evaluation; in the
+    toy world they are disjoint, as VisA (training) and MVTec-AD (evaluation) are in the paper."""
+    name: str
+    root: Path
+    image_size: int
+    kinds: dict            # category -> "texture" | "object"
+    train_good: dict       # category -> [Path]
+    test_good: dict        # category -> [Path]
+    anomalies: dict        # category -> [Anomaly]
+    train_categories: list
+    eval_categories: list
+
+    @property
+    def categories(self):
+        return sorted(self.train_good)
+
+    def types(self, category):
+        return sorted({a.anomaly_type for a in self.anomalies[self.check_category(category)]})
+
+    def anomalies_of(self, category, anomaly_type):
+        found = [a for a in self.anomalies[category] if a.anomaly_type == anomaly_type]
+        return sorted(found, key=lambda a: a.image.name)
+
+    def split(self, category, anomaly_type):
+        """The evaluation split (METHOD.md 7): anomalies sorted by file name, the first third (rounded
+        up) are few-shot references, the rest is the test set."""
+        found = self.anomalies_of(category, anomaly_type)
+        n_ref = (len(found) + 2) // 3
+        return found[:n_ref], found[n_ref:]
+
+    def check_category(self, category):
+        if category not in self.train_good:
+            raise UserError(f"unknown category '{category}' in {self.name}; known: "
+                            f"{', '.join(self.categories)}")
+        return category
+
+    def check_type(self, category, anomaly_type):
+        if anomaly_type not in self.types(category):
+            raise UserError(f"unknown anomaly type '{anomaly_type}' for {category}; known: "
+                            f"{', '.join(self.types(category))}")
+        return anomaly_type
+
+    def load(self, path):
+        return load_image(path, self.image_size)
+
+    def load_mask(self, path):
+        return load_mask(path, self.image_size)
+
+
+def load_dataset(name, root=None, size=None, seed=0) -> Dataset:
+    """--data toy|mvtec|visa: the toy world is generated on first use and cached under data/toy."""
+    if name == "toy":
+        size = size or 128
+        root = Path(root) if root else HERE / "data" / "toy" / f"{size}px-seed{seed}"
+        return _toy_dataset(root, size, seed)
+    if name not in ("mvtec", "visa"):
+        raise UserError(f"--data must be toy, mvtec or visa, not '{name}'")
+    if root is None:
+        raise UserError(f"--data {name} needs --data-root PATH (the unpacked dataset)")
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--data-root {root} does not exist or is not a folder")
+    return (_mvtec_dataset if name == "mvtec" else _visa_dataset)(root, size or 256)
+
+
+def _images_in(folder):
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")) if Path(folder).is_dir() else []
+
+
+def _read_mvtec_layout(name, root, size, kinds, train_categories, eval_categories=None) -> Dataset:
+    """<category>/train/good, <category>/test/<type>, <category>/ground_truth/<type>/<stem>_mask.png"""
+    categories = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+    if not categories:
+        raise UserError(f"no categories under {root}: expected {root}/<category>/train/good/*.png "
+                        "(the MVTec-AD layout)")
+    train_good, test_good, anomalies = {}, {}, {}
+    for cat in categories:
+        train_good[cat] = _images_in(root / cat / "train" / "good")
+        test_good[cat] = _images_in(root / cat / "test" / "good")
+        anomalies[cat] = []
+        for type_dir in sorted(p for p in (root / cat / "test").glob("*") if p.is_dir()):
+            if type_dir.name == "good":
+                continue
+            for img in _images_in(type_dir):
+                mask = root / cat / "ground_truth" / type_dir.name / f"{img.stem}_mask.png"
+                if not mask.is_file():
+                    raise UserError(f"missing mask {mask} for {img}")
+                anomalies[cat].append(Anomaly(img, mask, cat, type_dir.name))
+    kinds = {c: kinds.get(c) or "object" for c in categories}
+    return Dataset(name, root, size, kinds, train_good, test_good, anomalies,
+                   [c for c in train_categories if c in categories] or categories,
+                   [c for c in (eval_categories or categories) if c in categories] or categories)
+
+
+def _mvtec_dataset(root, size):
+    kb = KnowledgeBase()
+    kinds = {c: e["kind"] for c, e in kb.data["mvtec"].items()}
+    return _read_mvtec_layout("mvtec", root, size, kinds, train_categories=[])
+
+
+def _visa_dataset(root, size) -> Dataset:
+    """VisA as published: split_csv/1cls.csv lists every image (object, split, label, image, mask)
+    and <object>/image_anno.csv names the defect type(s) of each anomaly image."""
+    import csv
+    split_csv = root / "split_csv" / "1cls.csv"
+    if not split_csv.is_file():
+        raise UserError(f"{split_csv} not found: --data visa expects VisA as published, with "
+                        "split_csv/1cls.csv and <object>/image_anno.csv")
+    with open(split_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    need = {"object", "split", "label", "image", "mask"}
+    if not rows or not need <= set(rows[0]):
+        raise UserError(f"{split_csv} must have the columns {', '.join(sorted(need))}")
+    type_of = {}
+    for cat in sorted({r["object"] for r in rows}):
+        anno = root / cat / "image_anno.csv"
+        if not anno.is_file():
+            raise UserError(f"{anno} not found: VisA names each anomaly's defect type there")
+        with open(anno, newline="") as f:
+            for r in csv.DictReader(f):
+                if not {"image", "label"} <= set(r):
+                    raise UserError(f"{anno} must have the columns image, label")
+                type_of[r["image"]] = _visa_type(r["label"])
+    train_good, test_good, anomalies = {}, {}, {}
+    for r in rows:
+        cat = r["object"]
+        for d in (train_good, test_good, anomalies):
+            d.setdefault(cat, [])
+        image = root / r["image"]
+        if r["label"] == "normal":
+            (train_good if r["split"] == "train" else test_good)[cat].append(image)
+        elif r["label"] == "anomaly":
+            if r["image"] not in type_of:
+                raise UserError(f"{r['image']} is an anomaly in {split_csv} but has no label in "
+                                f"{root / cat / 'image_anno.csv'}")
+            anomalies[cat].append(Anomaly(image, root / r["mask"], cat, type_of[r["image"]]))
+        else:
+            raise UserError(f"{split_csv}: label must be normal or anomaly, not '{r['label']}'")
+    cats = sorted(train_good)
+    return Dataset("visa", root, size, {c: "object" for c in cats}, train_good, test_good,
+                   anomalies, cats, cats)
+
+
+def _visa_type(label):
+    """'chunk of wax missing' -> 'chunk_of_wax_missing'; several defects on one image -> 'combined'."""
+    labels = [l for l in re.split(r"[,;]", label) if l.strip()]
+    return "combined" if len(labels) > 1 else normalize_key(labels[0] if labels else "unknown")
+
+
+# ---- the toy world ---------------------------------------------------------------------------
+# Procedural inspection images in MVTec-AD's layout: textures and objects with lighting gradients,
+# sensor noise and pose changes, and physically motivated defects with pixel-exact masks. The defect
+# renderer here is independent of the image-generation tool's painter (section 3), so an agent
+# trained on these anomalies learns to synthesize defects, not to copy the painter.
+
+TOY_COUNTS = {"train_good": 20, "test_good": 10, "per_type": 15}
+
+from toy_world import TOY_CATEGORIES, render_anomaly, render_normal  # noqa: E402  (the renderer: data, not method)
+
+
+def _toy_dataset(root, size, seed) -> Dataset:
+    manifest = root / "toy.json"
+    if not manifest.is_file():
+        generate_toy_world(root, size, seed)
+    kinds = {c: s["kind"] for c, s in TOY_CATEGORIES.items()}
+    groups = {g: [c for c, s in TOY_CATEGORIES.items() if s["group"] == g] for g in ("train", "eval")}
+    return _read_mvtec_layout("toy", root, size, kinds, groups["train"], groups["eval"])
+
+
+def generate_toy_world(root, size=128, seed=0, counts=TOY_COUNTS, categories=None) -> None:
+    """Write the toy world to root (into a temporary folder first, renamed when complete)."""
+    from tqdm import tqdm
+    root = Path(root)
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    categories = categories or list(TOY_CATEGORIES)
+    jobs = [(c, split, t) for c in categories
+            for split, t in [("train", "good"), ("test", "good")] + [("test", t) for t in TOY_CATEGORIES[c]["types"]]]
+    for cat, split, kind in tqdm(jobs, desc=f"toy world -> {root}", leave=False):
+        n = counts[f"{split}_good"] if kind == "good" else counts["per_type"]
+        rng = np.random.default_rng([seed, stable_seed(cat, split, kind)])
+        for i in range(n):
+            image, foreground = render_normal(cat, rng, size)
+            if kind == "good":
+                save_png(image, tmp / cat / split / "good" / f"{i:03d}.png")
+                continue
+            image, mask = render_anomaly(cat, kind, image, foreground, rng)
+            save_png(image, tmp / cat / "test" / kind / f"{i:03d}.png")
+            save_png(mask, tmp / cat / "ground_truth" / kind / f"{i:03d}_mask.png")
+    (tmp / "toy.json").write_text(json.dumps({"size": size, "seed": seed, "counts": counts,
+                                              "categories": categories}, indent=1))
+    if root.exists():
+        shutil.rmtree(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(root)
+
+
+# ==============================================================================================
+# 2. Knowledge, and the image measurements the tools share
+# ==============================================================================================
+
+def normalize_key(text) -> str:
+    """'Metal Nut' / 'metal-nut' / 'metal_nut' -> 'metal_nut'."""
+    return re.sub(r"[\s\-_]+", "_", str(text).strip().lower()).strip("_")
+
+
+class KnowledgeError(Exception):
+    pass
+
+
+class KnowledgeBase:
+    """What each defect looks like on each object, where it occurs and why (knowledge.json).
+
+    Entries are keyed dataset -> category -> type. Lookups tolerate case, spacing and underscores,
+    and prefer the task's own dataset, since the toy world reuses some MVTec-AD category names."""
+
+    def __init__(self, path=HERE / "knowledge.json"):
+        try:
+            self.data = json.loads(Path(path).read_text())["datasets"]
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"cannot read the knowledge base {path}: {e}") from None
+
+    def _find_category(self, category, dataset=None):
+        want = normalize_key(category).replace("_", "")
+        order = sorted(self.data, key=lambda d: d != dataset)
+        for ds in order:
+            for cat, entry in self.data[ds].items():
+                if cat.replace("_", "") == want:
+                    return ds, cat, entry
+        raise KnowledgeError(f"unknown item '{category}'; known items: "
+                             + ", ".join(sorted({c for d in self.data.values() for c in d})))
+
+    def category(self, category, dataset=None) -> dict:
+        return self._find_category(category, dataset)[2]
+
+    def lookup(self, category, anomaly_type, dataset=None) -> dict:
+        """The entry for (category, type), with the category's kind, object and part merged in."""
+        ds, cat, entry = self._find_category(category, dataset)
+        want = normalize_key(anomaly_type).replace("_", "")
+        for name, t in entry["types"].items():
+            if name.replace("_", "") == want:
+                return {"dataset": ds, "category": cat, "type": name, "kind": entry["kind"],
+                        "object": entry["object"], **t}
+        raise KnowledgeError(f"unknown anomaly type '{anomaly_type}' for {cat}; known types: "
+                             + ", ".join(sorted(entry["types"])))
+
+    def context(self, category, anomaly_type, dataset=None) -> str:
+        e = self.lookup(category, anomaly_type, dataset)
+        a = e["attributes"]
+        return (f"{e['type'].replace('_', ' ')} on {e['object']}: {e['description']} "
+                f"Where: {e['location']} Cause: {e['cause']} To synthesize it: {e['synthesis']} "
+                f"Typical size: {a['extent'][0]:.0%}-{a['extent'][1]:.0%} of the image side.")
+
+
+# A defect family for types the knowledge base does not know, from words in the type's name.
+FAMILY_WORDS = [
+    ("notch", r"missing|broken|chip|notch"),
+    ("crack", r"crack|fracture"),
+    ("slit", r"cut|slit|tear|gash|split"),
+    ("line", r"scratch|scrape|thread|stroke|streak|line"),
+    ("spot", r"hole|puncture|pit|poke|dent"),
+    ("blob", r"stain|contamina|particle|debris|residue|glue|oil|liquid|smear|blob|dirt|speck|spot"),
+    ("patch", r"discolou?r|colou?r|tint|patch|rough|print|fold|squeez"),
+]
+FAMILY_DEFAULTS = {  # extent, tone, edge
+    "notch": ([0.10, 0.25], "background", "crisp"), "crack": ([0.15, 0.45], "darker", "crisp"),
+    "slit": ([0.20, 0.45], "darker", "crisp"), "line": ([0.20, 0.55], "brighter", "crisp"),
+    "spot": ([0.04, 0.14], "darker", "crisp"), "blob": ([0.06, 0.25], "darker", "soft"),
+    "patch": ([0.10, 0.30], "colour", "soft"),
+}
+
+
+def guess_family(text, default=None):
+    for family, pattern in FAMILY_WORDS:
+        if re.search(rf"\b({pattern})", text.lower().replace("_", " ")):
+            return family
+    return default
+
+
+def guess_attributes(anomaly_type) -> dict:
+    """Attributes for a type that is not in the knowledge base, from its name alone."""
+    family = guess_family(anomaly_type, "blob")
+    extent, tone, edge = FAMILY_DEFAULTS[family]
+    return {"shape": family, "extent": extent, "tone": tone, "colour": None, "where": "anywhere",
+            "edge": edge, "part": "the surface"}
+
+
+COLOURS = {"black": (25, 25, 25), "white": (240, 240, 240), "grey": (128, 128, 128),
+           "gray": (128, 128, 128), "brown": (115, 70, 35), "red": (190, 40, 35),
+           "orange": (215, 120, 35), "yellow": (215, 195, 45), "green": (60, 150, 60),
+           "blue": (50, 85, 195), "purple": (125, 60, 155), "pink": (220, 130, 160)}
+
+
+HUES = ["brown", "red", "orange", "yellow", "green", "blue", "purple"]
+
+
+def luminance(image) -> np.ndarray:
+    return image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def change_map(a, b) -> np.ndarray:
+    """Mean absolute difference over the colour channels, in grey levels (0-255)."""
+    return np.abs(a.astype(np.float32) - b.astype(np.float32)).mean(axis=2)
+
+
+def background_colour(image) -> np.ndarray:
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    return np.median(border.astype(np.float32), axis=0)
+
+
+def foreground_mask(image, kind) -> np.ndarray:
+    """Object pixels: those far from the plain background's colour (the whole image for textures).
+    Enclosed regions are object too (a bottle's dark inside), unless they look like the background
+    seen through a hole (a washer's or a nut's centre)."""
+    if kind == "texture":
+        return np.ones(image.shape[:2], bool)
+    smooth = ndimage.uniform_filter(image.astype(np.float32), size=(3, 3, 1))
+    dist = np.linalg.norm(smooth - background_colour(image), axis=2)
+    threshold = 30.0   # grey levels: well above sensor noise, well below any object's contrast
+    fg = ndimage.binary_opening(dist > threshold, iterations=1)
+    labels, n = ndimage.label(fg)
+    if n == 0:
+        return np.ones(image.shape[:2], bool)
+    sizes = ndimage.sum(fg, labels, range(1, n + 1))
+    fg = np.isin(labels, 1 + np.flatnonzero(sizes >= 0.2 * sizes.max()))
+    holes, n_holes = ndimage.label(ndimage.binary_fill_holes(fg) & ~fg)
+    if n_holes:
+        unlike_background = ndimage.mean(dist, holes, range(1, n_holes + 1)) > 2 * threshold
+        fg |= np.isin(holes, 1 + np.flatnonzero(unlike_background))
+    return ndimage.binary_dilation(fg)   # the blurred outline belongs to the object
+def remove_small(mask, min_size) -> np.ndarray:
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = ndimage.sum(mask, labels, range(1, n + 1))
+    return np.isin(labels, 1 + np.flatnonzero(sizes >= min_size))
+
+
+def elongation(mask) -> float:
+    """sqrt of the ratio of the principal axes of a region's pixel cloud (1 = round)."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) < 3:
+        return 1.0
+    ev = np.linalg.eigvalsh(np.cov(np.stack([ys, xs])) + 0.1 * np.eye(2))
+    return float(np.sqrt(ev[1] / ev[0]))
+
+
+def extent_px(mask) -> int:
+    """The longest side of a region's bounding box, in pixels."""
+    ys, xs = np.nonzero(mask)
+    return int(max(ys.max() - ys.min(), xs.max() - xs.min()) + 1) if len(ys) else 0
+
+
+# ==============================================================================================
+# 3. The five tools
+# ==============================================================================================
+
+class ToolError(Exception):
+    """A tool call the tool cannot serve; the runner turns it into an error observation."""
+
+
+class CallError(ToolError):
+    """A malformed call (unknown or disabled tool, missing argument): also a format error."""
+
+
+TOOL_NAMES = {"PG": "prompt_gen", "IG": "image_gen", "QE": "quality_eval",
+              "KR": "knowledge_retrieval", "MG": "mask_gen"}
+
+
+def parse_tools_flag(text) -> list:
+    """--tools PG,IG,QE,MG (short or full names) -> full tool names; image_gen is always needed."""
+    names = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name = TOOL_NAMES.get(item.upper(), item)
+        if name not in TOOL_NAMES.values():
+            raise UserError(f"--tools: unknown tool '{item}'; use some of {','.join(TOOL_NAMES)}")
+        names.append(name)
+    if "image_gen" not in names:
+        raise UserError("--tools must include IG (image_gen): without it nothing is synthesized")
+    return [n for n in TOOL_NAMES.values() if n in names]
+
+
+def size_word(fraction) -> str:
+    return ("tiny" if fraction < 0.06 else "small" if fraction < 0.12 else
+            "medium-sized" if fraction < 0.25 else "large")
+
+
+SHAPE_PHRASES = {"line": "thin scratch line", "crack": "jagged crack", "slit": "narrow cut slit",
+                 "spot": "round hole", "blob": "irregular blob", "patch": "discoloured patch",
+                 "notch": "missing chunk broken off"}
+
+
+class OfflinePromptWriter:
+    """PG backend: a local-edit prompt from general knowledge of the defect type.
+
+    Like a language model writing without retrieval, it knows what the defect is called, which part
+    it belongs on and its general family (a hole is a dark round spot), but not this dataset's
+    specifics (which colour, how large, where exactly, how it blends): those are what knowledge
+    retrieval adds when the agent refines a failed attempt."""
+
+    def write(self, entry, rng) -> str:
+        shape = entry["attributes"]["shape"]
+        extent, tone, _ = FAMILY_DEFAULTS[shape]
+        tone = {"darker": "dark", "brighter": "bright"}.get(tone, "")
+        type_name = entry["type"].replace("_", " ")
+        looks = " ".join(w for w in [size_word(float(np.mean(extent)) * rng.uniform(0.7, 1.3)), tone,
+                                     SHAPE_PHRASES[shape]] if w)
+        return (f"Using the provided image, change only {entry['attributes']['part']} to introduce a "
+                f"{type_name}: {'an' if looks[0] in 'aeiou' else 'a'} {looks}. "
+                "Keep the rest of the image unchanged.")
+
+
+@dataclass
+class PaintSpec:
+    """What the painter read from a prompt."""
+    family: str
+    tone: str
+    colour: tuple | None
+    strength: float
+    extent: float        # longest dimension, pixels
+    width: float         # stroke width of line-like defects, pixels
+    soft: bool
+    place: str | None    # edge | rim | interior | center | top-left | ... | None (anywhere)
+
+
+def _has(text, pattern):
+    return re.search(rf"\b({pattern})\b", text) is not None
+
+
+class ProceduralPainter:
+    """IG backend: paints the defect a prompt describes, as a local edit of the original image.
+
+    It reads shape, darkness/colour, contrast, size, stroke width, edge softness and place words.
+    Whatever the prompt leaves open is sampled at random, as a real image generator would, so
+    vague prompts give variable results and precise prompts give consistent ones."""
+
+    def read(self, prompt, side, rng) -> PaintSpec:
+        text = prompt.lower()
+        family = guess_family(text)
+        if family is None:
+            raise ToolError("the prompt names no defect; describe its shape, e.g. 'a thin scratch', "
+                            "'a jagged crack', 'a dark round hole', 'a brown stain'")
+        colour_word = next((c for c in COLOURS if _has(text, c)), None)
+        if family == "notch" or _has(text, "background shows|material removed"):
+            tone = "background"
+        elif _has(text, "dark|darker|black|shadowed|deep"):
+            tone = "darker"
+        elif _has(text, "bright|brighter|white|shiny|specular|pale|light"):
+            tone = "brighter"
+        elif colour_word or family == "patch":
+            tone = "colour"
+        else:
+            tone = rng.choice(["darker", "brighter"])
+        if _has(text, "faint|subtle|slight|barely visible"):
+            strength = rng.uniform(0.15, 0.3)
+        elif _has(text, "clearly visible|strong|high-contrast|high contrast|pronounced|distinct|vivid"):
+            strength = rng.uniform(0.8, 0.95)
+        else:
+            strength = rng.uniform(0.15, 0.95)
+        px = re.search(r"(\d+(?:\.\d+)?)\s*(?:px|pixels?)\b", text)
+        words = {"tiny": (0.03, 0.06), "small": (0.06, 0.12), "medium": (0.12, 0.25),
+                 "large": (0.25, 0.45), "long": (0.3, 0.55)}
+        if px:
+            extent = float(px.group(1)) * rng.uniform(0.92, 1.08)
+        else:
+            lo, hi = next((r for w, r in words.items() if _has(text, w)), (0.04, 0.5))
+            extent = rng.uniform(lo, hi) * side
+        scale = side / 128
+        if _has(text, "hairline|thin|fine|narrow"):
+            width = rng.uniform(1.0, 1.6) * scale
+        elif _has(text, "wide|thick|broad"):
+            width = rng.uniform(3.0, 5.0) * scale
+        else:
+            width = rng.uniform(1.0, 4.0) * scale
+        if family == "notch":   # broken-off material always leaves a clean outline
+            soft = False
+        elif _has(text, "soft|blended|feathered|diffuse|gradual|fading"):
+            soft = True
+        elif _has(text, "sharp|crisp|hard|clean"):
+            soft = False
+        else:
+            soft = bool(rng.random() < 0.5)
+        place = None
+        if family == "notch" or _has(text, "at the edge|on the edge|along the edge|at the outline|touching the outline"):
+            place = "edge"
+        elif _has(text, "rim|border|band"):
+            place = "rim"
+        elif _has(text, "away from the outline|away from the edges?|interior|inside"):
+            place = "interior"
+        else:
+            place = next((p for p in ("top-left", "top-right", "bottom-left", "bottom-right",
+                                      "center", "centre", "middle", "top", "bottom", "left", "right")
+                          if _has(text, p)), None)
+        colour = COLOURS[colour_word] if colour_word else None
+        return PaintSpec(family, tone, colour, float(strength), float(max(extent, 2.0)),
+                         float(width), soft, place)
+
+    def edit(self, image, prompt, kind, rng, region=None) -> np.ndarray:
+        side = image.shape[0]
+        spec = self.read(prompt, side, rng)
+        fg = foreground_mask(image, kind)
+        support = fg.copy()
+        if spec.place in ("interior", "rim") and kind == "object":
+            support = ndimage.binary_erosion(fg, iterations=max(2, round(3 * side / 128)))
+        if region is not None:
+            support &= _region_mask(region, image.shape[:2])
+        if not support.any():
+            raise ToolError("there is no room for the defect where the prompt and region put it")
+        anchor = self._anchor(spec, fg, support, rng)
+        alpha = self._shape(spec, anchor, image.shape[:2], rng)
+        if spec.soft:   # a soft line is only slightly blurred; a soft stain fades over its radius
+            line_like = spec.family in ("line", "crack", "slit")
+            alpha = ndimage.gaussian_filter(alpha, side / 128 if line_like else max(1.0, 0.12 * spec.extent))
+            alpha = np.clip(alpha / max(alpha.max(), 1e-6), 0, 1)
+        else:
+            alpha = ndimage.gaussian_filter(alpha, 0.5)
+        alpha[alpha < 0.03] = 0
+        alpha *= support
+        return self._apply(image, spec, alpha, rng)
+
+    def _anchor(self, spec, fg, support, rng):
+        h, w = fg.shape
+        if spec.place == "edge":
+            solid = ndimage.binary_fill_holes(fg)   # the outer outline, not a nut's central hole
+            candidates = solid & ~ndimage.binary_erosion(solid) & support
+            if not candidates.any():
+                candidates = support
+        elif spec.place == "rim":    # a band just inside the outer outline
+            depth = ndimage.distance_transform_edt(ndimage.binary_fill_holes(fg))
+            candidates = support & (depth < 0.08 * h + 3)
+            if not candidates.any():
+                candidates = support
+        elif spec.place in ("center", "centre", "middle", "top-left", "top-right", "bottom-left",
+                            "bottom-right", "top", "bottom", "left", "right"):
+            fy = 0.25 if "top" in spec.place else 0.75 if "bottom" in spec.place else 0.5
+            fx = 0.25 if "left" in spec.place else 0.75 if "right" in spec.place else 0.5
+            yy, xx = np.mgrid[:h, :w]
+            near = (np.abs(yy / h - fy) < 0.15) & (np.abs(xx / w - fx) < 0.15) & support
+            candidates = near if near.any() else support
+        else:
+            # keep the defect's centre far enough from the image border that it stays whole
+            margin = int(min(spec.extent / 2, h / 4))
+            inner = np.zeros_like(support)
+            inner[margin:h - margin, margin:w - margin] = True
+            candidates = support & inner if (support & inner).any() else support
+        ys, xs = np.nonzero(candidates)
+        i = rng.integers(len(ys))
+        return float(ys[i]), float(xs[i])
+
+    def _shape(self, spec, anchor, shape, rng) -> np.ndarray:
+        """Coverage (0-1) of the defect's footprint, before blending."""
+        cy, cx = anchor
+        L, h, w = spec.extent, *shape
+        yy, xx = np.mgrid[:h, :w].astype(np.float32)
+        angle = rng.uniform(0, np.pi)
+        d = np.array([np.sin(angle), np.cos(angle)])
+        if spec.family in ("line", "slit", "crack"):
+            if spec.family == "crack":
+                points = _random_walk(anchor, angle, L, rng)
+                width = min(spec.width, 1.6 * h / 128)
+            else:
+                t = np.linspace(-0.5, 0.5, int(4 * L) + 2)[:, None]
+                bend = rng.uniform(-0.2, 0.2) * L if spec.family == "line" else 0.0
+                normal = np.array([-d[1], d[0]])
+                points = np.array(anchor) + t * L * d + (1 - 4 * t ** 2) * bend * normal
+                width = spec.width if spec.family == "line" else max(spec.width, 2.0 * h / 128)
+            canvas = np.ones(shape, bool)
+            iy = np.clip(np.round(points[:, 0]).astype(int), 0, h - 1)
+            ix = np.clip(np.round(points[:, 1]).astype(int), 0, w - 1)
+            canvas[iy, ix] = False
+            dist = ndimage.distance_transform_edt(canvas)
+            return np.clip(width / 2 + 0.5 - dist, 0, 1).astype(np.float32)
+        # compact families: a noisy ellipse (spot, notch) or a thresholded noise field (blob, patch)
+        a = L / 2
+        b = a * (rng.uniform(0.75, 1.0) if spec.family in ("spot", "notch") else rng.uniform(0.55, 0.9))
+        u = ((yy - cy) * d[0] + (xx - cx) * d[1]) / a
+        v = (-(yy - cy) * d[1] + (xx - cx) * d[0]) / b
+        r = np.sqrt(u ** 2 + v ** 2)
+        roughness = 0.08 if spec.family in ("spot", "notch") else 0.45
+        noise = ndimage.gaussian_filter(rng.standard_normal(shape), max(1.0, L / 8))
+        noise /= noise.std() + 1e-6
+        return ((1 - r + roughness * noise) > 0).astype(np.float32)
+
+    def _apply(self, image, spec, alpha, rng) -> np.ndarray:
+        img = image.astype(np.float32)
+        lum = luminance(image)[..., None]
+        if spec.tone == "background":
+            target = np.broadcast_to(background_colour(image), img.shape) + rng.normal(0, 2, img.shape)
+            strength = 1.0
+        else:
+            strength = spec.strength
+            if spec.tone == "darker":
+                target = img * (0.1 if spec.family == "spot" else 0.2)
+                if spec.colour is not None:
+                    target = 0.5 * target + 0.5 * np.array(spec.colour) * (0.3 + 0.7 * lum / 255)
+            elif spec.tone == "brighter":
+                target = img + (255 - img) * 0.85
+            elif spec.family in ("blob", "spot"):   # foreign matter: its own colour, lit like the surface
+                c = np.array(spec.colour if spec.colour is not None else COLOURS[rng.choice(HUES)], np.float32)
+                target = c * (0.75 + 0.25 * lum / max(float(lum.mean()), 1.0))
+            else:  # a discolouration: a hue change that keeps the surface's shading and texture
+                c = np.array(spec.colour if spec.colour is not None else COLOURS[rng.choice(HUES)], np.float32)
+                target = c * lum / max(luminance(c[None, None].astype(np.uint8)).item(), 1.0)
+            target = target + rng.normal(0, 4, img.shape)   # grain, so the defect is not flat
+        a = (alpha * strength)[..., None]
+        out = np.where(a > 0, img + (target - img) * a, img)
+        return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _random_walk(anchor, angle, length, rng):
+    """A jagged crack: a wandering path through the anchor plus a side branch."""
+    def walk(start, heading, n):
+        pts, p = [], np.array(start, float)
+        for _ in range(int(n)):
+            heading += rng.normal(0, 0.35)
+            p = p + np.array([np.sin(heading), np.cos(heading)])
+            pts.append(p.copy())
+        return pts
+    half = length / 2
+    a = walk(anchor, angle, half)
+    b = walk(anchor, angle + np.pi, half)
+    trunk = a[::-1] + [np.array(anchor)] + b
+    fork = trunk[rng.integers(len(trunk))]
+    branch = walk(fork, angle + rng.choice([-1, 1]) * rng.uniform(0.5, 1.2), 0.35 * half)
+    return np.array(trunk + branch)
+
+
+def _region_mask(region, shape):
+    try:
+        x0, y0, x1, y1 = (int(round(float(v))) for v in region)
+    except (TypeError, ValueError):
+        raise ToolError("region must be [x0, y0, x1, y1] in pixels") from None
+    m = np.zeros(shape, bool)
+    m[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
+    if not m.any():
+        raise ToolError(f"region {region} is empty or outside the {shape[1]}x{shape[0]} image")
+    return m
+
+
+class MeasuredJudge:
+    """QE backend: scores an edit by measuring the change between the normal and the edited image.
+
+    location_score (0-5): the change is on the object, at a plausible place, at a plausible size.
+    quality_score (0-5): it is visible, local, looks like its type (darker / brighter / hue, line or
+    compact), and blends in (soft types have no hard pasted edges). score = location + quality.
+    The review says, in plain sentences, what to change."""
+
+    def evaluate(self, normal, edited, kind, entry) -> dict:
+        a, name = entry["attributes"], entry["type"].replace("_", " ")
+        side = normal.shape[0]
+        scale = side / 128
+        d = change_map(normal, edited)
+        changed = remove_small(ndimage.gaussian_filter(d, 0.7) > 10, max(3, 4 * scale ** 2))
+        if not changed.any():
+            return {"location_score": 0.0, "quality_score": 0.0, "score": 0.0,
+                    "review": f"No visible change was found; the {name} is missing. "
+                              "Make it clearly visible with high contrast."}
+        # the defect: the largest group of changed pixels, pieces a few pixels apart (a line broken
+        # up by the texture) counted as one
+        groups, n = ndimage.label(ndimage.binary_dilation(changed, iterations=max(2, round(2 * scale))))
+        main = changed & (groups == 1 + int(np.argmax(ndimage.sum(changed, groups, range(1, n + 1)))))
+        fg = foreground_mask(normal, kind)
+        issues = []   # (points lost, sentence)
+
+        # location: on the object, at a plausible place, at a plausible size
+        on_object = (changed & fg).sum() / changed.sum()
+        issues.append((2.0 * (1 - on_object), f"Part of the change lies on the background; "
+                                              f"move it onto {a['part']}."))
+        place = 1.0
+        if kind == "object" and a["where"] == "edge":
+            solid = ndimage.binary_fill_holes(fg)
+            outline = ndimage.binary_dilation(solid & ~ndimage.binary_erosion(solid),
+                                              iterations=max(1, round(2 * scale)))
+            place = float((main & outline).any())
+            issues.append((1.5 * (1 - place), f"The {name} should touch the outline of the object; "
+                                              f"place it at the edge of {a['part']}."))
+        elif kind == "object" and a["where"] == "interior":
+            depth = ndimage.distance_transform_edt(fg)
+            place = float(np.clip((np.mean(depth[changed] >= 2 * scale) - 0.8) / 0.2, 0, 1))
+            issues.append((1.5 * (1 - place), f"The {name} touches the outline of the object; keep it "
+                                              f"away from the outline, on {a['part']}."))
+        lo, hi = a["extent"]
+        extent = extent_px(main) / side
+        good = round(float(np.mean(a["extent"])) * side)
+        if extent < 0.8 * lo:
+            size_ok = max(0.0, 2 * extent / (0.8 * lo) - 1)
+            issues.append((1.5 * (1 - size_ok), f"The {name} is too small (about {extent_px(main)} px); "
+                                                 f"make it about {good} px."))
+        elif extent > 1.25 * hi:
+            size_ok = max(0.0, 2 - extent / (1.25 * hi))
+            issues.append((1.5 * (1 - size_ok), f"The {name} is too large (about {extent_px(main)} px); "
+                                                 f"make it about {good} px."))
+        else:
+            size_ok = 1.0
+        location = 5 * on_object * (0.1 + 0.9 * place) * (0.3 + 0.7 * size_ok)
+
+        # quality: visible, local, the right appearance, blended
+        contrast = float(d[main].mean())
+        visible = float(np.clip((contrast - 10) / 20, 0, 1))
+        issues.append((1.5 * (1 - visible) + 1.0, f"The {name} is too faint to see; make it clearly "
+                                                  "visible with high contrast.") if visible < 1 else (0, ""))
+        zone = ndimage.binary_dilation(main, iterations=max(2, round(3 * scale)))
+        spill = d[~zone].sum() / max(d.sum(), 1e-6)
+        confined = float(np.clip(1 - (spill - 0.05) / 0.25, 0, 1)) * (changed.mean() < 0.35)
+        issues.append((1.25 * (1 - confined), "Pixels outside the defect changed as well; keep the "
+                                              "rest of the image unchanged."))
+        tone_ok = self._tone(normal, edited, main, a)
+        issues.append((0.6 * (1 - tone_ok), self._tone_advice(name, a)))
+        shape_ok = self._shape(main, a["shape"], scale)
+        issues.append((0.6 * (1 - shape_ok), self._shape_advice(name, a["shape"])))
+        blended = 1.0
+        if a["edge"] == "soft":
+            # a pasted patch changes abruptly: the change map is steep along the defect's contour
+            smooth = ndimage.gaussian_filter(d, 0.7)
+            peak = np.percentile(d[main], 90)
+            core = smooth > 0.5 * peak
+            contour = core & ~ndimage.binary_erosion(core)
+            steepness = np.hypot(*np.gradient(smooth))[contour].mean() / max(peak, 1e-6)
+            blended = float(np.clip((0.27 - steepness) / 0.08, 0, 1))
+            issues.append((1.5 * (1 - blended), f"The {name} has hard pasted-on edges; blend its "
+                                                 "border softly into the surface."))
+        # a rubric, not a sum: a faint, spilled or pasted-looking defect is not rescued by the rest
+        quality = (5 * visible * (0.4 + 0.6 * confined) * (0.15 + 0.85 * tone_ok)
+                   * (0.4 + 0.6 * shape_ok) * (0.45 + 0.55 * blended))
+        location_score, quality_score = round(location, 1), round(quality, 1)
+        score = round(location_score + quality_score, 1)
+        advice = [s for lost, s in sorted(issues, key=lambda x: -x[0]) if lost > 0.05 and s]
+        verdict = (f"A plausible {name} on {a['part']}." if not advice else
+                   f"The {name} is not convincing yet." if score < 6 else
+                   f"A plausible {name}, with room to improve.")
+        return {"location_score": location_score, "quality_score": quality_score, "score": score,
+                "review": " ".join([verdict] + advice)}
+
+    @staticmethod
+    def _tone(normal, edited, region, a) -> float:
+        before = normal[region].astype(np.float32)
+        after = edited[region].astype(np.float32)
+        dl = float((luminance(after[None]) - luminance(before[None])).mean())
+        if a["tone"] == "darker":
+            return float(np.clip(-dl / 15, 0, 1))
+        if a["tone"] == "brighter":
+            return float(np.clip(dl / 15, 0, 1))
+        if a["tone"] == "background":
+            bg = background_colour(normal)
+            gone = np.linalg.norm(after - bg, axis=1).mean() / max(np.linalg.norm(before - bg, axis=1).mean(), 1e-6)
+            return float(np.clip((0.8 - gone) / 0.3, 0, 1))
+        # colour: the hue must change, and the new chroma (colour minus its grey level) must point
+        # towards the named colour; comparing the shift alone would let any desaturation of a brown
+        # surface pass for blue
+        chroma = lambda x: x - x.mean(axis=-1, keepdims=True)
+        new_chroma = chroma(after).mean(0)
+        moved = float(np.clip(np.linalg.norm(new_chroma - chroma(before).mean(0)) / 20, 0, 1))
+        if a["colour"] in COLOURS:
+            want = chroma(np.array(COLOURS[a["colour"]], np.float32))
+            cos = new_chroma @ want / (np.linalg.norm(new_chroma) * np.linalg.norm(want) + 1e-6)
+            return float(np.clip((cos - 0.5) / 0.3, 0, 1)) * moved
+        return moved
+
+    @staticmethod
+    def _tone_advice(name, a):
+        return {"darker": f"The {name} should be darker than the surrounding surface; make it dark.",
+                "brighter": f"The {name} should be brighter than the surrounding surface; make it bright.",
+                "background": "The removed part should show the background; remove the material cleanly.",
+                "colour": f"The colour change does not read as {a['colour'] or 'a new hue'}; "
+                          f"tint it clearly {a['colour'] or 'in another colour'}."}[a["tone"]]
+
+    @staticmethod
+    def _shape(region, family, scale) -> float:
+        el = elongation(region)
+        if family in ("line", "crack", "slit"):
+            rim = region & ~ndimage.binary_erosion(region)
+            width = 2 * region.sum() / max(rim.sum(), 1)     # area / half the perimeter
+            max_width = (7 if family == "slit" else 5) * scale
+            return float(np.clip((el - 1.5) / 1.5, 0, 1) * np.clip((1.5 * max_width - width) / (0.5 * max_width), 0, 1))
+        if family == "spot":
+            return float(np.clip((3.0 - el) / 0.8, 0, 1))
+        if family in ("blob", "patch"):
+            return float(np.clip((5.0 - el) / 1.5, 0, 1))
+        return 1.0
+
+    @staticmethod
+    def _shape_advice(name, family):
+        if family in ("line", "crack", "slit"):
+            return f"The {name} is too wide or compact; make it a thin, long line."
+        if family == "spot":
+            return f"The {name} is too elongated; make it a compact round spot."
+        return f"The {name} is too stretched; make it a compact irregular blob."
+
+
+class DifferenceSegmenter:
+    """MG backend: the mask of what changed between the normal image and the edited one
+    (smoothing, a threshold, small-component removal, holes filled)."""
+
+    def __init__(self, threshold=8.0):
+        self.threshold = threshold   # grey levels of mean absolute change
+
+    def segment(self, normal, edited) -> np.ndarray:
+        side = normal.shape[0]
+        d = ndimage.gaussian_filter(change_map(normal, edited), 1.0)
+        mask = ndimage.binary_closing(d > self.threshold, iterations=1)
+        mask = remove_small(mask, max(4, int(0.0005 * side * side)))
+        return ndimage.binary_fill_holes(mask)
+
+
+TOOL_SCHEMAS = {
+    "prompt_gen": {
+        "description": "Write a local-edit prompt for synthesizing the anomaly on the normal image.",
+        "parameters": {"image": ("integer", "index of the normal image, 1"),
+                       "item_name": ("string", "the object category, e.g. hazelnut"),
+                       "anomaly_type": ("string", "the defect type, e.g. hole")},
+        "required": ["image", "item_name", "anomaly_type"]},
+    "image_gen": {
+        "description": "Edit the target image as the prompt says; returns the new image's index.",
+        "parameters": {"prompt": ("string", "the local-edit instruction"),
+                       "target_image": ("integer", "index of the image to edit; always 1, the original"),
+                       "region": ("array", "optional [x0, y0, x1, y1] box in pixels to confine the edit")},
+        "required": ["prompt", "target_image"]},
+    "quality_eval": {
+        "description": "Judge a synthesized anomaly: location 0-5 + quality 0-5 = score 0-10, and a review.",
+        "parameters": {"anomaly_image": ("integer", "index of the image to judge"),
+                       "item_name": ("string", "the object category"),
+                       "anomaly_type": ("string", "the defect type")},
+        "required": ["anomaly_image", "item_name", "anomaly_type"]},
+    "knowledge_retrieval": {
+        "description": "What this defect looks like on this object, where it occurs and why.",
+        "parameters": {"item_name": ("string", "the object category"),
+                       "anomaly_type": ("string", "the defect type")},
+        "required": ["item_name", "anomaly_type"]},
+    "mask_gen": {
+        "description": "Binary mask of what changed between image 1 and the anomaly image.",
+        "parameters": {"anomaly_image": ("integer", "index of the final anomaly image")},
+        "required": ["anomaly_image"]},
+}
+
+
+def tool_spec(name) -> dict:
+    """An OpenAI-style function spec, as the model sees it inside <tools>."""
+    s = TOOL_SCHEMAS[name]
+    props = {}
+    for arg, (typ, desc) in s["parameters"].items():
+        props[arg] = {"type": typ, "description": desc}
+        if typ == "array":
+            props[arg]["items"] = {"type": "number"}
+    return {"type": "function", "function": {"name": name, "description": s["description"],
+            "parameters": {"type": "object", "properties": props, "required": s["required"]}}}
+
+
+@dataclass
+class Task:
+    """One synthesis job: a normal image, its category and the anomaly type to put on it."""
+    id: str
+    category: str
+    anomaly_type: str
+    image: np.ndarray
+    kind: str                 # texture | object
+    dataset: str = "toy"
+    seed: int = 0
+    image_path: str = ""
+
+
+class Toolbox:
+    """The five tools with their backends; `session(task)` gives the per-episode state."""
+
+    def __init__(self, enabled=tuple(TOOL_NAMES.values()), knowledge=None):
+        self.enabled = list(enabled)
+        self.knowledge = knowledge or KnowledgeBase()
+        self.prompt_writer = OfflinePromptWriter()
+        self.painter = ProceduralPainter()
+        self.judge = MeasuredJudge()
+        self.segmenter = DifferenceSegmenter()
+
+    def specs(self):
+        return [tool_spec(n) for n in self.enabled]
+
+    def session(self, task):
+        return ToolSession(self, task)
+
+    def entry(self, task, item_name=None, anomaly_type=None) -> dict:
+        """Knowledge for the judge and the prompt writer; a type the base lacks gets guessed attributes."""
+        item, kind = item_name or task.category, anomaly_type or task.anomaly_type
+        try:
+            return self.knowledge.lookup(item, kind, task.dataset)
+        except KnowledgeError:
+            return {"type": normalize_key(kind), "object": f"a {item}", "kind": task.kind,
+                    "attributes": guess_attributes(kind)}
+
+
+class ToolSession:
+    """The images of one episode (1 = the normal image, then each new one in order) and the tool
+    calls made on them. call() returns the observation's JSON and the images it attaches."""
+
+    def __init__(self, toolbox, task):
+        self.box, self.task = toolbox, task
+        self.images = [task.image]
+        self.sources = ["normal"]          # normal | generated | mask, per image
+        self.prompts = {}                  # image index -> the prompt that made it
+        self.scores = {}                   # image index -> last QE result
+        self.calls = 0
+
+    def call(self, name, args):
+        if name not in TOOL_SCHEMAS:
+            raise CallError(f"unknown tool '{name}'; available: {', '.join(self.box.enabled)}")
+        if name not in self.box.enabled:
+            raise CallError(f"the tool '{name}' is switched off in this run; available: "
+                            f"{', '.join(self.box.enabled)}")
+        if not isinstance(args, dict):
+            raise CallError("arguments must be a JSON object")
+        missing = [a for a in TOOL_SCHEMAS[name]["required"] if a not in args]
+        if missing:
+            raise CallError(f"{name} is missing the argument(s) {', '.join(missing)}")
+        self.calls += 1
+        rng = np.random.default_rng([self.task.seed, self.calls])
+        return getattr(self, name)(rng=rng, **{k: v for k, v in args.items()
+                                                 if k in TOOL_SCHEMAS[name]["parameters"]})
+
+    def _image(self, index, want="generated") -> int:
+        try:
+            k = int(index)
+        except (TypeError, ValueError):
+            raise ToolError(f"image index must be an integer, not {index!r}") from None
+        if not 1 <= k <= len(self.images):
+            raise ToolError(f"there is no image {k}; images 1-{len(self.images)} exist")
+        if want == "generated" and self.sources[k - 1] != "generated":
+            raise ToolError(f"image {k} is the {self.sources[k - 1]} image, not a generated anomaly")
+        return k
+
+    def prompt_gen(self, image, item_name, anomaly_type, rng):
+        self._image(image, want="any")
+        entry = self.box.entry(self.task, item_name, anomaly_type)
+        return {"prompt": self.box.prompt_writer.write(entry, rng)}, []
+
+    def image_gen(self, prompt, target_image, rng, region=None):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ToolError("prompt must be a non-empty string")
+        k = self._image(target_image, want="any")
+        if self.sources[k - 1] == "mask":
+            raise ToolError(f"image {k} is a mask; edit image 1, the original")
+        edited = self.box.painter.edit(self.images[k - 1], prompt, self.task.kind, rng, region)
+        self.images.append(edited)
+        self.sources.append("generated")
+        self.prompts[len(self.images)] = prompt
+        return {"image_index": len(self.images)}, [edited]
+
+    def quality_eval(self, anomaly_image, item_name, anomaly_type, rng):
+        k = self._image(anomaly_image)
+        entry = self.box.entry(self.task, item_name, anomaly_type)
+        result = self.box.judge.evaluate(self.images[0], self.images[k - 1], self.task.kind, entry)
+        self.scores[k] = result["score"]
+        return {"image_index": k, **result}, []
+
+    def knowledge_retrieval(self, item_name, anomaly_type, rng):
+        kb = self.box.knowledge
+        try:
+            entry = kb.lookup(item_name, anomaly_type, self.task.dataset)
+            return {"context": kb.context(item_name, anomaly_type, self.task.dataset),
+                    "attributes": entry["attributes"]}, []
+        except KnowledgeError as e:
+            raise ToolError(str(e)) from None
+
+    def mask_gen(self, anomaly_image, rng):
+        k = self._image(anomaly_image)
+        mask = self.box.segmenter.segment(self.images[0], self.images[k - 1])
+        self.images.append(mask.astype(np.uint8) * 255)   # a grey image, like any picture the policy sees
+        self.sources.append("mask")
+        result = {"mask_index": len(self.images), "anomaly_image": k,
+                  "area_fraction": round(float(mask.mean()), 4), "empty": not mask.any()}
+        if not mask.any():
+            result["message"] = f"no change was found between image 1 and image {k}"
+        return result, [self.images[-1]]
+
+
+# ==============================================================================================
+# 4. The agent protocol
+# ==============================================================================================
+
+PASS_SCORE = 6.0   # DECISION (METHOD.md 2): an image passes quality evaluation at score >= 6 of 10
+
+SYSTEM_PROMPT = """You are AnomalyAgent, an industrial-inspection expert who synthesizes realistic \
+defects on images of normal products, to train anomaly detectors.
+
+Image 1 is a normal image of an item. Put one realistic anomaly of the requested type on it by \
+calling tools, one per turn, then return the final image and its mask.
+
+In every turn, first reason inside <thinking>...</thinking>, then either call exactly one tool:
+<tool_call>{{"name": "<tool name>", "arguments": {{...}}}}</tool_call>
+or, when you are done, answer:
+<answer>{{"status": "success", "final_image_index": <k>, "mask_generated": true, \
+"synthesis_logic": "<one sentence>"}}</answer>
+
+Procedure: {procedure}
+
+<tools>
+{tools}
+</tools>"""
+
+
+def system_prompt(specs) -> str:
+    """The instructions, the procedure for the tools this run has, and their schemas."""
+    names = [s["function"]["name"] for s in specs]
+    steps = ["get a prompt from prompt_gen;" if "prompt_gen" in names else "write an edit prompt;",
+             "generate with image_gen, always editing image 1;"]
+    if "quality_eval" in names:
+        kr = " optionally call knowledge_retrieval," if "knowledge_retrieval" in names else ""
+        steps.append(f"judge the result with quality_eval. If the score is below {PASS_SCORE:g}, "
+                     f"read the review,{kr} rewrite the prompt yourself and generate again.")
+    steps.append("When an image passes (or your attempts run out), call mask_gen on the best image, "
+                 "then answer with its index." if "mask_gen" in names else
+                 "Then answer with the best image's index.")
+    steps.append("Images are numbered in order of appearance: 1 is the normal image, and every "
+                 "image a tool makes gets the next number.")
+    return SYSTEM_PROMPT.format(procedure=" ".join(steps),
+                                tools="\n".join(json.dumps(s) for s in specs))
+
+
+def user_message(task) -> dict:
+    h, w = task.image.shape[:2]
+    text = (f"Item: {task.category.replace('_', ' ')}. Anomaly type: "
+            f"{task.anomaly_type.replace('_', ' ')}. Image size: {w}x{h} pixels. "
+            f"Synthesize a realistic {task.anomaly_type.replace('_', ' ')} on image 1.")
+    return {"role": "user", "content": [{"type": "image", "image": task.image},
+                                        {"type": "text", "text": text}]}
+
+
+def observation(name, result, images=()) -> dict:
+    """A tool's reply: its JSON, with every image it made attached so the policy sees it."""
+    content = [{"type": "text", "text": json.dumps(result)}]
+    content += [{"type": "image", "image": im} for im in images]
+    return {"role": "tool", "name": name, "content": content}
+
+
+def message_text(message) -> str:
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] for part in content if part["type"] == "text")
+
+
+@dataclass
+class Turn:
+    """One parsed assistant turn. action: call | answer | malformed | none."""
+    action: str
+    thinking: str | None = None
+    call: dict | None = None
+    answer: dict | None = None
+    error: str | None = None
+
+    @property
+    def well_formed(self):
+        return self.action in ("call", "answer") and self.error is None
+
+
+TAG = re.compile(r"<(thinking|tool_call|answer)>(.*?)</\1>", re.S)
+
+
+def parse_turn(text) -> Turn:
+    """Tolerant of whitespace around and between the tags; strict about the JSON inside them."""
+    blocks = TAG.findall(text)
+    thinking = [b.strip() for tag, b in blocks if tag == "thinking"]
+    actions = [(tag, b.strip()) for tag, b in blocks if tag != "thinking"]
+    style = None
+    if len(thinking) != 1:
+        style = "a turn needs exactly one <thinking> block"
+    elif TAG.sub("", text).strip():
+        style = "text outside the <thinking>, <tool_call> and <answer> tags"
+    think = thinking[0] if thinking else None
+    if not actions:
+        return Turn("none", think, error=style or "no <tool_call> or <answer>")
+    if len(actions) > 1:
+        return Turn("malformed", think, error="one tool call or one answer per turn, not "
+                                               f"{len(actions)}")
+    tag, body = actions[0]
+    try:
+        payload = json.loads(body)
+    except ValueError as e:
+        return Turn("malformed", think, error=f"the <{tag}> block is not valid JSON ({e})")
+    if tag == "tool_call":
+        if not (isinstance(payload, dict) and isinstance(payload.get("name"), str)
+                and isinstance(payload.get("arguments"), dict)):
+            return Turn("malformed", think, error='a tool call is {"name": str, "arguments": {...}}')
+        return Turn("call", think, call=payload, error=style)
+    if not (isinstance(payload, dict) and isinstance(payload.get("final_image_index"), int)):
+        return Turn("malformed", think, error='an answer needs an integer "final_image_index"')
+    return Turn("answer", think, answer=payload, error=style)
+
+
+def format_call(thinking, name, arguments) -> str:
+    return (f"<thinking>{thinking}</thinking>\n<tool_call>"
+            f"{json.dumps({'name': name, 'arguments': arguments})}</tool_call>")
+
+
+def format_answer(thinking, answer) -> str:
+    return f"<thinking>{thinking}</thinking>\n<answer>{json.dumps(answer)}</answer>"
+
+
+# ==============================================================================================
+# 5. The episode runner
+# ==============================================================================================
+
+class Episode:
+    """One task played out: the conversation, the tool session and what each turn did."""
+
+    def __init__(self, task, toolbox):
+        self.task, self.session = task, toolbox.session(task)
+        self.messages = [{"role": "system", "content": system_prompt(toolbox.specs())},
+                         user_message(task)]
+        self.turns, self.answer, self.stop_reason = [], None, None
+
+    def step(self, reply):
+        self.messages.append({"role": "assistant", "content": reply})
+        turn = parse_turn(reply)
+        info = {"action": turn.action, "tool": None, "format_ok": turn.well_formed, "error": turn.error}
+        self.turns.append(info)
+        if turn.action == "none":
+            self.stop_reason = "no_action"
+        elif turn.action == "answer":
+            self.answer, self.stop_reason = turn.answer, "answer"
+            k = turn.answer["final_image_index"]
+            if not (1 <= k <= len(self.session.images) and self.session.sources[k - 1] == "generated"):
+                info.update(format_ok=False, error=f"answer names image {k}, not a generated image")
+        elif turn.action == "malformed":
+            self.messages.append(observation("error", {"error": turn.error}))
+        else:
+            name = info["tool"] = turn.call["name"]
+            try:
+                result, images = self.session.call(name, turn.call["arguments"])
+            except ToolError as e:
+                result, images = {"error": str(e)}, []
+                if isinstance(e, CallError):
+                    info.update(format_ok=False, error=str(e))
+            except Exception as e:   # a backend bug must not end a batch of episodes
+                result, images = {"error": f"{name} failed: {type(e).__name__}: {e}"}, []
+            info["result"] = result
+            self.messages.append(observation(name, result, images))
+
+    @property
+    def done(self):
+        return self.stop_reason is not None
+
+    def record(self) -> dict:
+        """The trajectory: everything later stages need (rewards, training, the gallery)."""
+        s = self.session
+        attempts = [{"image_index": k, "prompt": s.prompts[k], "score": s.scores.get(k)}
+                    for k in sorted(s.prompts)]
+        final = self.answer["final_image_index"] if self.answer else None
+        if final is not None and not (1 <= final <= len(s.images) and s.sources[final - 1] == "generated"):
+            final = None
+        mask_index = None
+        for t in self.turns:
+            r = t.get("result") or {}
+            if t["tool"] == "mask_gen" and r.get("anomaly_image") == final and "mask_index" in r:
+                mask_index = r["mask_index"]
+        return {
+            "id": self.task.id, "dataset": self.task.dataset, "category": self.task.category,
+            "anomaly_type": self.task.anomaly_type, "seed": self.task.seed,
+            "normal_image": self.task.image_path,
+            "messages": self.messages, "turns": self.turns,
+            "tool_calls": [t["tool"] or t["action"] for t in self.turns],
+            "attempts": attempts,
+            "qe_scores": [a["score"] for a in attempts if a["score"] is not None],
+            "answer": self.answer, "final_image_index": final,
+            "final_score": s.scores.get(final), "mask_index": mask_index,
+            "num_turns": len(self.turns), "stop_reason": self.stop_reason,
+            "format_valid": bool(self.turns) and all(t["format_ok"] for t in self.turns),
+            "images": s.images,
+        }
+
+
+def run_episodes(policy, tasks, toolbox, max_turns=10, on_finish=None) -> list:
+    """Play every task to its end. Each turn, all live episodes are answered by one batched policy
+    call (the same loop serves synthesis, trajectory building and RL rollouts)."""
+    episodes = [Episode(t, toolbox) for t in tasks]
+    for _ in range(max_turns):
+        live = [e for e in episodes if not e.done]
+        if not live:
+            break
+        for episode, reply in zip(live, policy.act([e.messages for e in live])):
+            episode.step(reply)
+            if episode.done and on_finish:
+                on_finish(episode)
+    for e in episodes:
+        if not e.done:
+            e.stop_reason = "max_turns"
+            if on_finish:
+                on_finish(e)
+    return [e.record() for e in episodes]
+
+
+# ==============================================================================================
+# 6. The expert (scripted) policy
+# ==============================================================================================
+
+class ExpertPolicy:
+    """Follows the canonical order (METHOD.md 2): PG -> IG -> QE [-> KR -> refine -> IG -> QE]...
+    -> MG -> answer, and explains every step in its thinking. It decides from the conversation
+    alone, like a language model would: the tools from the system prompt, the task from the user
+    message, everything else from the observations."""
+    name = "expert"
+
+    def __init__(self, seed=0, max_attempts=3):
+        self.seed, self.max_attempts = seed, max_attempts
+
+    def act(self, conversations) -> list:
+        return [self.next_turn(messages) for messages in conversations]
+
+    def next_turn(self, messages) -> str:
+        tools = [s["function"]["name"] for s in
+                 map(json.loads, re.search(r"<tools>\n(.*)\n</tools>", messages[0]["content"], re.S)
+                     .group(1).split("\n"))]
+        m = re.search(r"Item: (.*?)\. Anomaly type: (.*?)\. Image size: (\d+)x", message_text(messages[1]))
+        item, kind, side = m.group(1), m.group(2), int(m.group(3))
+        history = []   # (tool name, arguments, result) of every call so far
+        for msg, reply in zip(messages[2::2], messages[3::2]):
+            turn = parse_turn(msg["content"])
+            if turn.call:
+                history.append((turn.call["name"], turn.call["arguments"], json.loads(message_text(reply))))
+        rng = np.random.default_rng([self.seed, stable_seed(*(message_text(m) for m in messages))])
+        attempts = [r["image_index"] for name, _, r in history if name == "image_gen" and "image_index" in r]
+        scores = {r["image_index"]: r for name, _, r in history if name == "quality_eval" and "score" in r}
+        knowledge = next((r for name, _, r in history if name == "knowledge_retrieval" and "attributes" in r), None)
+        last = history[-1] if history else None
+
+        if last is None:
+            if "prompt_gen" in tools:
+                return format_call(
+                    f"Image 1 is a normal {item}. To put a realistic {kind} on it I first need a "
+                    "precise local-edit prompt that names the part, shape, colour and size, so I "
+                    "call prompt_gen.", "prompt_gen", {"image": 1, "item_name": item, "anomaly_type": kind})
+            return self._generate(item, kind, side, None, [], rng, "There is no prompt tool, so I "
+                                  "write the edit prompt myself from what I know of this defect.")
+        name, args, result = last
+        if "error" in result:
+            if sum("error" in r for _, _, r in history) > 2 or not attempts:
+                return self._generate(item, kind, side, knowledge, [], rng,
+                                      f"The last call failed ({result['error']}). I write a "
+                                      "complete prompt myself and generate again.")
+            return self._finish(tools, attempts, scores, rng, note=f"The last call failed "
+                                f"({result['error']}), so I stop refining and keep what I have.")
+        if name == "prompt_gen":
+            return format_call(
+                f"prompt_gen wrote: \"{result['prompt']}\" It names the part and the look of the "
+                f"{kind}. I edit the original image (image 1) with it.",
+                "image_gen", {"prompt": result["prompt"], "target_image": 1})
+        if name == "image_gen":
+            k = result["image_index"]
+            if "quality_eval" in tools:
+                return format_call(
+                    f"Image {k} is attempt {len(attempts)}. Before I accept it I need an independent "
+                    "judgement of where the defect sits and how real it looks, so I call quality_eval.",
+                    "quality_eval", {"anomaly_image": k, "item_name": item, "anomaly_type": kind})
+            return self._finish(tools, attempts, scores, rng, note="There is no quality tool, so I "
+                                f"keep image {k}.")
+        if name == "quality_eval":
+            s, k = result["score"], result["image_index"]
+            if s >= PASS_SCORE or len(attempts) >= self.max_attempts:
+                why = (f"Image {k} scored {s:g}/10 (location {result['location_score']:g}, quality "
+                       f"{result['quality_score']:g}), which passes the threshold of {PASS_SCORE:g}."
+                       if s >= PASS_SCORE else
+                       f"Image {k} scored {s:g}/10, below {PASS_SCORE:g}, and I have used all "
+                       f"{self.max_attempts} attempts.")
+                return self._finish(tools, attempts, scores, rng, note=why)
+            if "knowledge_retrieval" in tools and knowledge is None:
+                return format_call(
+                    f"Image {k} scored only {s:g}/10, below {PASS_SCORE:g}. The review says: "
+                    f"\"{result['review']}\" Before I rewrite the prompt I look up what a {kind} on "
+                    f"a {item} really looks like, where it occurs and how large it is.",
+                    "knowledge_retrieval", {"item_name": item, "anomaly_type": kind})
+            return self._refine(item, kind, side, knowledge, history, rng)
+        if name == "knowledge_retrieval":
+            return self._refine(item, kind, side, knowledge, history, rng)
+        if name == "mask_gen":
+            k = result["anomaly_image"]
+            s = scores.get(k, {}).get("score")
+            return format_answer(
+                f"mask_gen returned mask image {result['mask_index']}, covering "
+                f"{100 * result['area_fraction']:.1f}% of the image. Image {k} and its mask are the "
+                "result.", {"status": "success" if s is None or s >= PASS_SCORE else "partial",
+                            "final_image_index": k, "mask_generated": not result["empty"],
+                            "synthesis_logic": f"a {kind} on the {item}"
+                                               + (f", judged {s:g}/10" if s is not None else "")
+                                               + f" after {len(attempts)} attempt(s)"})
+        return self._finish(tools, attempts, scores, rng, note=f"Unexpected reply from {name}.")
+
+    def _finish(self, tools, attempts, scores, rng, note):
+        # keep the best-judged attempt (the later one on a tie)
+        best = max(attempts, key=lambda k: (scores.get(k, {}).get("score", -1), k))
+        if len(attempts) > 1:
+            note += f" Of my {len(attempts)} attempts, image {best} is the best."
+        if "mask_gen" in tools:
+            return format_call(note + f" I now extract the mask of image {best} with mask_gen.",
+                               "mask_gen", {"anomaly_image": best})
+        return format_answer(note + " There is no mask tool, so I answer without one.",
+                             {"status": "success", "final_image_index": best,
+                              "mask_generated": False, "synthesis_logic": "best judged attempt"})
+
+    def _refine(self, item, kind, side, knowledge, history, rng):
+        """Rewrite the prompt from the last review and, when retrieved, the knowledge."""
+        review = next(r["review"] for name, _, r in reversed(history) if name == "quality_eval")
+        fixes = [s for s in re.split(r"(?<=\.)\s+", review) if ";" in s]
+        reason = ("The review asks: " + " ".join(f'"{f}"' for f in fixes)) if fixes else \
+                 f"The review says: \"{review}\""
+        return self._generate(item, kind, side, knowledge, fixes, rng, reason)
+
+    def _generate(self, item, kind, side, knowledge, fixes, rng, reason):
+        a = dict(knowledge["attributes"]) if knowledge else guess_attributes(kind)
+        notes = []
+        if knowledge:
+            notes.append(f"The knowledge base says a {kind} on a {item} is a {a['shape']} "
+                         f"{'of ' + a['colour'] + ' colour' if a['colour'] else a['tone']}, "
+                         f"{a['extent'][0]:.0%}-{a['extent'][1]:.0%} of the image, at "
+                         f"{a['part']}, with {a['edge']} edges.")
+        size = round(float(np.mean(a["extent"])) * side * rng.uniform(0.85, 1.15))
+        for fix in fixes:   # the review outranks general knowledge
+            if m := re.search(r"make it about (\d+) px", fix):
+                size = int(m.group(1))
+            if "outline of the object;" in fix:
+                a["where"] = "edge"
+            if "away from the outline" in fix:
+                a["where"] = "interior"
+            if "pasted-on edges" in fix:
+                a["edge"] = "soft"
+            if "onto " in fix:
+                a["part"] = fix.split("onto ", 1)[1].rstrip(".")
+            if "should be darker" in fix:
+                a["tone"] = "darker"
+            if "should be brighter" in fix:
+                a["tone"] = "brighter"
+            if m := re.search(r"tint it clearly (\w+)", fix):
+                a["tone"], a["colour"] = "colour", m.group(1)
+        tone = {"darker": "dark", "brighter": "bright"}.get(a["tone"], "")
+        colour = a["colour"] if a["colour"] and a["colour"] not in ("black", "white") else ""
+        looks = " ".join(w for w in [tone, colour, SHAPE_PHRASES[a["shape"]]] if w)
+        length = "long" if a["shape"] in ("line", "crack", "slit") else "across"
+        place = {"edge": f", at the edge of {a['part']}", "interior": ", away from the outline"}.get(
+            a["where"], "")
+        edges = "soft, blended edges" if a["edge"] == "soft" else "crisp edges"
+        prompt = (f"Using the provided image, change only {a['part']} to introduce a "
+                  f"{kind}: a {looks} about {size} pixels {length}, clearly visible with high "
+                  f"contrast, with {edges}{place}. Keep the rest of the image unchanged.")
+        thinking = " ".join([reason] + notes + [f"So I ask for a clearly visible {looks} of about "
+                                                f"{size} px with {edges}{place}, and edit image 1 again."])
+        return format_call(thinking, "image_gen", {"prompt": prompt, "target_image": 1})
