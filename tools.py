@@ -253,7 +253,15 @@ from toy_world import TOY_CATEGORIES, render_anomaly, render_normal  # noqa: E40
 
 def _toy_dataset(root, size, seed) -> Dataset:
     manifest = root / "toy.json"
-    if not manifest.is_file():
+    if manifest.is_file():
+        made = json.loads(manifest.read_text())
+        if (made["size"], made["seed"]) != (size, seed):
+            raise UserError(f"{root} holds the toy world at size {made['size']}, seed {made['seed']}; "
+                            f"pass --size {made['size']} or another --data-root")
+    elif root.exists() and any(root.iterdir()):
+        raise UserError(f"{root} is not a toy world (no toy.json) and is not empty; pass an empty "
+                        "or new --data-root to generate one there")
+    else:
         generate_toy_world(root, size, seed)
     kinds = {c: s["kind"] for c, s in TOY_CATEGORIES.items()}
     groups = {g: [c for c, s in TOY_CATEGORIES.items() if s["group"] == g] for g in ("train", "eval")}
@@ -283,7 +291,7 @@ def generate_toy_world(root, size=128, seed=0, counts=TOY_COUNTS, categories=Non
     (tmp / "toy.json").write_text(json.dumps({"size": size, "seed": seed, "counts": counts,
                                               "categories": categories}, indent=1))
     if root.exists():
-        shutil.rmtree(root)
+        root.rmdir()   # only ever an empty folder: a toy world is never written over other files
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(root)
 
@@ -513,7 +521,7 @@ class PaintSpec:
     extent: float        # longest dimension, pixels
     width: float         # stroke width of line-like defects, pixels
     soft: bool
-    place: str | None    # edge | rim | interior | center | top-left | ... | None (anywhere)
+    place: str | None    # edge | rim | inside | interior | center | top-left | ... | None (anywhere)
 
 
 def _has(text, pattern):
@@ -578,7 +586,9 @@ class ProceduralPainter:
             place = "edge"
         elif _has(text, "rim|border|band"):
             place = "rim"
-        elif _has(text, "away from the outline|away from the edges?|interior|inside"):
+        elif _has(text, "inside|interior"):
+            place = "inside"
+        elif _has(text, "away from the outline|away from the edges?"):
             place = "interior"
         else:
             place = next((p for p in ("top-left", "top-right", "bottom-left", "bottom-right",
@@ -593,7 +603,7 @@ class ProceduralPainter:
         spec = self.read(prompt, side, rng)
         fg = foreground_mask(image, kind)
         support = fg.copy()
-        if spec.place in ("interior", "rim") and kind == "object":
+        if spec.place in ("interior", "rim", "inside") and kind == "object":
             support = ndimage.binary_erosion(fg, iterations=max(2, round(3 * side / 128)))
         if region is not None:
             support &= _region_mask(region, image.shape[:2])
@@ -618,9 +628,10 @@ class ProceduralPainter:
             candidates = solid & ~ndimage.binary_erosion(solid) & support
             if not candidates.any():
                 candidates = support
-        elif spec.place == "rim":    # a band just inside the outer outline
+        elif spec.place in ("rim", "inside"):   # near the outer outline, or far from it
             depth = ndimage.distance_transform_edt(ndimage.binary_fill_holes(fg))
-            candidates = support & (depth < 0.08 * h + 3)
+            near = depth < 0.08 * h + 3
+            candidates = support & (near if spec.place == "rim" else depth > 0.5 * depth.max())
             if not candidates.any():
                 candidates = support
         elif spec.place in ("center", "centre", "middle", "top-left", "top-right", "bottom-left",

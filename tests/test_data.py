@@ -63,8 +63,6 @@ def test_split_is_first_third_by_file_name(toy):
     assert len(refs) == 5 and len(test) == 10
     names = [a.image.name for a in refs + test]
     assert names == sorted(names)
-    refs, test = tools.Dataset.split(toy, "wood", "hole")
-    assert refs[-1].image.name < test[0].image.name
 
 
 # ---- MVTec-AD ----------------------------------------------------------------------------------
@@ -159,3 +157,13 @@ def test_visa_loader_errors_name_the_problem(visa):
     (visa / "split_csv" / "1cls.csv").unlink()
     with pytest.raises(tools.UserError, match="1cls.csv not found"):
         tools.load_dataset("visa", visa)
+
+
+def test_toy_world_never_writes_over_other_files(tmp_path, toy_root):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(tools.UserError, match="is not a toy world"):
+        tools.load_dataset("toy", tmp_path / "mine")
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+    with pytest.raises(tools.UserError, match="size 128.*--size 128"):
+        tools.load_dataset("toy", toy_root, size=64)

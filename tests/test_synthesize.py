@@ -1,4 +1,5 @@
 """synthesize.py end to end, as a user runs it (subprocesses), plus its acceptance measurements."""
+import itertools
 import json
 
 import numpy as np
@@ -67,13 +68,18 @@ def test_the_agent_refines_and_refinement_pays(default_run):
     assert summary["samples"] == len(rs) and summary["multi_attempt"] == len(refined) / len(rs)
 
 
-def test_samples_of_a_type_differ(default_run):
+def test_samples_of_a_type_differ_in_place_shape_and_size(default_run, toy):
     out, _ = default_run
-    masks = [tools.load_mask(p) for p in sorted((out / "wood" / "stain" / "mask").glob("*.png"))]
-    centres = {tuple(np.round(ndimage.center_of_mass(m)).astype(int) // 10) for m in masks}
-    assert len(centres) == len(masks)
-    areas = [m.sum() for m in masks]
-    assert max(areas) > 1.3 * min(areas)
+    for cat in toy.eval_categories:
+        for t in toy.types(cat):
+            masks = [tools.load_mask(p) for p in sorted((out / cat / t / "mask").glob("*.png"))]
+            images = [tools.load_image(p) for p in sorted((out / cat / t / "image").glob("*.png"))]
+            for i, j in itertools.combinations(range(len(masks)), 2):
+                overlap = (masks[i] & masks[j]).sum() / (masks[i] | masks[j]).sum()
+                assert overlap < 0.5, (cat, t, i, j)            # different places and shapes
+                assert not np.array_equal(images[i], images[j])
+            areas = [m.sum() for m in masks]
+            assert max(areas) > 1.3 * min(areas), (cat, t)     # different sizes
 
 
 def test_gallery_shows_every_sample(default_run):
