@@ -1,9 +1,277 @@
 """
 build_trajectories.py -- structured SFT trajectories by reverse synthesis (METHOD.md section 4).
 
-Not built yet: this stage arrives with issue #3 (structured trajectories and SFT).
+    python build_trajectories.py                                        # toy world, training group
+    python build_trajectories.py --data visa --data-root /data/VisA     # the paper's setting
+
+For every real anomaly (image, mask, type) of the training categories:
+  1. reverse synthesis: a clean counterpart, the defect removed by exemplar fill (the best-matching
+     nearby patch of the same image is copied over it; the rest of the image stays identical);
+  2. N in {1..--n-max} attempts: the real anomaly is the final, passing attempt; before it come real
+     image_gen outputs from weaker prompts (a bare generic prompt, then a detailed one with one thing
+     wrong) that the real quality_eval fails;
+  3. the trajectory, written forward: PG (its prompt describes attempt 1), IG -> QE per attempt,
+     KR after the first failed QE with probability --kr-prob, the agent's rewritten prompt
+     (describing the next attempt, read from its mask: where, how large, how elongated, darker,
+     brighter or which colour), MG on the final image, the answer. Thinking explains every step.
+
+Writes OUT/train.jsonl and OUT/val.jsonl (chat "messages" with images by path, plus "images" and
+"tools": the format TRL and LLaMA-Factory read) and the images under OUT/images/.
+Simplifies: the paper removes defects with an image editor; exemplar fill is our stand-in.
 """
+import argparse
+import json
 import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+import tools
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="toy", help="toy, mvtec or visa: real anomalies with masks and types")
+    p.add_argument("--data-root", default=None, help="the dataset's folder")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (toy 128, real 256)")
+    p.add_argument("--categories", default=None, help="comma list; default: the training group")
+    p.add_argument("--n-max", type=int, default=3, help="most image attempts per trajectory (N in 1..n-max)")
+    p.add_argument("--kr-prob", type=float, default=0.5, help="chance of knowledge retrieval after a failed QE")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of anomalies held out for validation")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many anomalies (quick runs)")
+    p.add_argument("--out", default="runs/trajectories", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of attempts, N and KR")
+    return p.parse_args(argv)
+
+
+# ---- reverse synthesis -------------------------------------------------------------------------
+
+def remove_defect(image, mask):
+    """Exemplar fill: cover the (slightly grown) defect with the shifted copy of the image whose
+    surroundings match the defect's surroundings best. Pixels away from the defect are untouched."""
+    h, w = mask.shape
+    hole = ndimage.binary_dilation(mask, iterations=2)
+    ring = ndimage.binary_dilation(hole, iterations=3) & ~hole
+    hy, hx = np.nonzero(hole)
+    ry, rx = np.nonzero(ring)
+    img = image.astype(np.float32)
+    best, best_cost = None, np.inf
+    reach = max(h, w) // 2
+    step = max(1, reach // 24)
+    for dy in range(-reach, reach + 1, step):
+        for dx in range(-reach, reach + 1, step):
+            if abs(dy) + abs(dx) == 0:
+                continue
+            sy, sx = hy + dy, hx + dx
+            if sy.min() < 0 or sx.min() < 0 or sy.max() >= h or sx.max() >= w or hole[sy, sx].any():
+                continue
+            ty, tx = np.clip(ry + dy, 0, h - 1), np.clip(rx + dx, 0, w - 1)
+            cost = np.abs(img[ty, tx] - img[ry, rx]).mean()
+            if cost < best_cost:
+                best, best_cost = (dy, dx), cost
+    if best is None:
+        raise tools.UserError("a defect covers too much of the image to be removed")
+    clean = image.copy()
+    clean[hy, hx] = image[hy + best[0], hx + best[1]]
+    return clean
+
+
+# ---- describing an attempt in the painter's words ---------------------------------------------
+
+POSITIONS = [("top-left", 0, 0), ("top", 0, 1), ("top-right", 0, 2), ("left", 1, 0), ("center", 1, 1),
+             ("right", 1, 2), ("bottom-left", 2, 0), ("bottom", 2, 1), ("bottom-right", 2, 2)]
+
+
+def describe(clean, image, mask, entry, kind):
+    """A local-edit prompt that says what the change from clean to image shows."""
+    a = entry["attributes"]
+    side = mask.shape[0]
+    before, after = clean[mask].astype(np.float32), image[mask].astype(np.float32)
+    dl = float(tools.luminance(after[None]).mean() - tools.luminance(before[None]).mean())
+    chroma = (after - after.mean(1, keepdims=True)).mean(0)   # the defect's own colour, less its grey
+    shift = chroma - (before - before.mean(1, keepdims=True)).mean(0)
+    colour = ""
+    if np.linalg.norm(chroma) > 15 and np.linalg.norm(shift) > 12:
+        hue = lambda c: np.array(c, np.float32) - np.mean(c)
+        colour = max(tools.HUES, key=lambda n: chroma @ hue(tools.COLOURS[n]) / np.linalg.norm(hue(tools.COLOURS[n])))
+    tone = "" if a["tone"] == "background" else "dark" if dl < -10 else "bright" if dl > 10 else ""
+    looks = " ".join(w for w in [tone, colour, tools.SHAPE_PHRASES[a["shape"]]] if w)
+    length = "long" if tools.elongation(mask) >= 2.5 else "across"
+    cy, cx = ndimage.center_of_mass(mask)
+    where = next(n for n, r, c in POSITIONS if r == min(int(3 * cy / side), 2) and c == min(int(3 * cx / side), 2))
+    place = f"in the {where}"
+    if kind == "object":
+        fg = tools.foreground_mask(clean, kind)
+        solid = ndimage.binary_fill_holes(fg)
+        outline = ndimage.binary_dilation(solid & ~ndimage.binary_erosion(solid), iterations=2)
+        place = f"at the edge of {a['part']}" if (mask & outline).any() else f"in the {where}, away from the outline"
+    contrast = np.abs(after - before).mean()
+    visibility = "clearly visible with high contrast" if contrast > 30 else "subtle but visible"
+    edges = "soft, blended edges" if a["edge"] == "soft" else "crisp edges"
+    return (f"Using the provided image, change only {a['part']} to introduce a "
+            f"{entry['type'].replace('_', ' ')}: a {looks} about {tools.extent_px(mask)} pixels {length}, "
+            f"{visibility}, with {edges}, {place}. Keep the rest of the image unchanged.")
+
+
+def weak_prompts(entry, final_prompt, rng):
+    """Prompts a first try might use: bare and generic, or detailed with one thing wrong."""
+    a = entry["attributes"]
+    generic = (f"Using the provided image, change only {a['part']} to introduce a "
+               f"{entry['type'].replace('_', ' ')}: a {tools.SHAPE_PHRASES[a['shape']]}. "
+               "Keep the rest of the image unchanged.")
+    wrong = [final_prompt.replace("clearly visible with high contrast", "faint and subtle"),
+             final_prompt.replace("soft, blended edges", "sharp edges").replace("crisp edges", "soft, blended edges"),
+             final_prompt.replace(" dark ", " bright ") if " dark " in final_prompt else final_prompt.replace(" bright ", " dark ")]
+    size = int(final_prompt.split("about ")[1].split(" pixels")[0])
+    wrong.append(final_prompt.replace(f"about {size} pixels", f"about {int(size * rng.choice([0.35, 2.6]))} pixels"))
+    return generic, [wrong[i] for i in rng.permutation(len(wrong))]
+
+
+# ---- one trajectory -----------------------------------------------------------------------------
+
+def failing_attempt(toolbox, task, entry, prompts, rng, tries=6):
+    """A real image_gen output from one of the prompts that quality_eval fails, or None."""
+    for prompt in prompts:
+        for _ in range(tries):
+            try:
+                image = toolbox.painter.edit(task.image, prompt, task.kind, rng)
+            except tools.ToolError:
+                break
+            if toolbox.judge.evaluate(task.image, image, task.kind, entry)["score"] < tools.PASS_SCORE:
+                return prompt, image
+    return None
+
+
+def build_one(toolbox, task, anomaly_image, mask, n_attempts, use_kr, rng):
+    """The trajectory's messages, or None when the real anomaly does not pass quality evaluation."""
+    entry = toolbox.entry(task)
+    item, kind = task.category.replace("_", " "), task.anomaly_type.replace("_", " ")
+    final_prompt = describe(task.image, anomaly_image, mask, entry, task.kind)
+    if toolbox.judge.evaluate(task.image, anomaly_image, task.kind, entry)["score"] < tools.PASS_SCORE:
+        return None
+    generic, detailed = weak_prompts(entry, final_prompt, rng)
+    attempts = []
+    for i in range(n_attempts - 1):
+        found = failing_attempt(toolbox, task, entry, [generic] if i == 0 else detailed, rng)
+        if found is None:
+            break
+        attempts.append(found)
+    attempts.append((final_prompt, anomaly_image))
+
+    session = toolbox.session(task)
+    messages = [{"role": "system", "content": tools.system_prompt(toolbox.specs())}, tools.user_message(task)]
+
+    def turn(thinking, name, arguments, reply=None):
+        """One assistant turn and the tool's observation (reply: what the tool is taken to return)."""
+        messages.append({"role": "assistant", "content": tools.format_call(thinking, name, arguments)})
+        result, images = reply or session.call(name, arguments)
+        messages.append(tools.observation(name, result, images))
+        return result
+
+    # prompt_gen is taken to have written attempt 1's prompt: the trajectory shows what it produced
+    turn(f"Image 1 is a normal {item}. I need a local-edit prompt for a {kind}, so I call prompt_gen.",
+         "prompt_gen", {"image": 1, "item_name": item, "anomaly_type": kind},
+         reply=({"prompt": attempts[0][0]}, []))
+    review, knowledge = None, None
+    for m, (prompt, image) in enumerate(attempts):
+        if m == 0:
+            thinking = f"The prompt asks for a {kind} on {entry['attributes']['part']}. I edit image 1 with it."
+        else:
+            thinking = (f"The review said: \"{review}\"" + (
+                f" The knowledge base says it is {knowledge['attributes']['tone']}, "
+                f"{knowledge['attributes']['extent'][0]:.0%}-{knowledge['attributes']['extent'][1]:.0%} "
+                "of the image." if knowledge else "") + " I rewrite the prompt to fix that and edit image 1 again.")
+        k = turn(thinking, "image_gen", {"prompt": prompt, "target_image": 1},
+                 reply=session.add_generated(image, prompt))["image_index"]
+        result = turn(f"Image {k} is attempt {m + 1}. I check its location and quality with quality_eval.",
+                      "quality_eval", {"anomaly_image": k, "item_name": item, "anomaly_type": kind})
+        score = result["score"]
+        review = result["review"].split(". ", 1)[-1]   # what to change, without the verdict
+        if m + 1 < len(attempts) and use_kr and knowledge is None:
+            knowledge = turn(f"Score {score:g}/10 is below {tools.PASS_SCORE:g}. Before rewriting the prompt "
+                             f"I look up how a {kind} on a {item} looks.", "knowledge_retrieval",
+                             {"item_name": item, "anomaly_type": kind})
+    mask_result = turn(f"Image {k} scored {score:g}/10, which passes. I extract its mask with mask_gen.",
+                       "mask_gen", {"anomaly_image": k})
+    messages.append({"role": "assistant", "content": tools.format_answer(
+        f"The mask covers {100 * mask_result['area_fraction']:.1f}% of the image. Image {k} is the result.",
+        {"status": "success", "final_image_index": k, "mask_generated": True,
+         "synthesis_logic": f"a {kind} on the {item} after {len(attempts)} attempt(s)"})})
+    return messages, session.images, len(attempts)
+
+
+def save_trajectory(record_id, messages, images, out):
+    """Write the images and replace them in the messages by paths relative to OUT."""
+    paths = {}
+    for k, image in enumerate(images, 1):
+        paths[id(image)] = f"images/{record_id}/{k}.png"
+        tools.save_png(image, out / paths[id(image)])
+    ordered = []
+    for m in messages:
+        if isinstance(m["content"], list):
+            for part in m["content"]:
+                if part["type"] == "image":
+                    part["image"] = paths[id(part["image"])]
+                    ordered.append(part["image"])
+    return ordered
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if not 1 <= args.n_max <= 5:
+        raise tools.UserError("--n-max must be between 1 and 5")
+    dataset = tools.load_dataset(args.data, args.data_root, args.size)
+    categories = args.categories.split(",") if args.categories else dataset.train_categories
+    anomalies = [a for c in categories for a in dataset.anomalies[dataset.check_category(c)]]
+    if not anomalies:
+        raise tools.UserError(f"no labelled anomalies with masks in {', '.join(categories)} of "
+                              f"{dataset.root}: trajectories are built from real anomalies")
+    rng = np.random.default_rng(args.seed)
+    anomalies = [anomalies[i] for i in rng.permutation(len(anomalies))][:args.limit]
+    out = Path(args.out)
+    if (out / "train.jsonl").exists():
+        raise tools.UserError(f"{out} already holds trajectories; pass another --out or delete it")
+    toolbox = tools.Toolbox()
+    splits, counts = {"train": [], "val": []}, Counter()
+    for a in tqdm(anomalies, desc="trajectories"):
+        record_id = f"{a.category}/{a.anomaly_type}/{a.image.stem}"
+        anomaly_image, mask = dataset.load(a.image), dataset.load_mask(a.mask)
+        if not mask.any():
+            continue
+        task = tools.Task(id=record_id, category=a.category, anomaly_type=a.anomaly_type,
+                          image=remove_defect(anomaly_image, mask), kind=dataset.kinds[a.category],
+                          dataset=dataset.name, seed=tools.stable_seed(args.seed, record_id))
+        one = np.random.default_rng(task.seed)
+        built = build_one(toolbox, task, anomaly_image, mask, int(one.integers(1, args.n_max + 1)),
+                          bool(one.random() < args.kr_prob), one)
+        if built is None:
+            counts["skipped: real anomaly failed QE"] += 1
+            continue
+        messages, images, n = built
+        split = "val" if tools.stable_seed("split", record_id) % 1000 < 1000 * args.val_fraction else "train"
+        paths = save_trajectory(record_id, messages, images, out)
+        splits[split].append({"id": record_id, "category": a.category, "anomaly_type": a.anomaly_type,
+                              "n_attempts": n, "messages": messages, "images": paths,
+                              "tools": toolbox.specs()})
+        counts[f"N={n}"] += 1
+        counts[a.category] += 1
+    if not splits["train"]:
+        raise tools.UserError("no trajectory could be built (every real anomaly failed quality evaluation)")
+    for split, records in splits.items():
+        tmp = out / f"{split}.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(out / f"{split}.jsonl")
+    print(f"{len(splits['train'])} train + {len(splits['val'])} val trajectories in {out}")
+    for key in sorted(counts):
+        print(f"  {key}: {counts[key]}")
+
 
 if __name__ == "__main__":
-    sys.exit("build_trajectories.py is not built yet (issue #3); synthesize.py runs the expert agent today")
+    try:
+        main()
+    except tools.UserError as e:
+        sys.exit(f"error: {e}")

@@ -96,29 +96,6 @@ def prepare_out(out, args) -> dict:
     return done
 
 
-def make_tasks(dataset, args) -> list:
-    categories = args.categories.split(",") if args.categories else dataset.eval_categories
-    tasks = []
-    for cat in categories:
-        dataset.check_category(cat)
-        types = dataset.types(cat)
-        if args.types:
-            types = [t for t in args.types.split(",") if t in types]
-            if not types:
-                raise tools.UserError(f"none of --types {args.types} exists for {cat}; known: "
-                                      f"{', '.join(dataset.types(cat))}")
-        normals = dataset.train_good[cat]
-        if not normals:
-            raise tools.UserError(f"no normal training images for {cat} under {dataset.root}")
-        order = np.random.default_rng(tools.stable_seed(args.seed, cat)).permutation(len(normals))
-        for t in types:
-            for i in range(args.per_type):
-                path = normals[order[i % len(normals)]]
-                tasks.append(dict(id=f"{cat}/{t}/{i:03d}", category=cat, anomaly_type=t, path=path,
-                                  seed=tools.stable_seed(args.seed, cat, t, i)))
-    return tasks
-
-
 def save_record(record, task, out, toolbox) -> dict:
     """Write the episode's images and return its JSON record, images replaced by relative paths."""
     cat, t, i = record["id"].split("/")
@@ -145,25 +122,6 @@ def save_record(record, task, out, toolbox) -> dict:
     record["step_images"] = [paths[id(im)] for im in record.pop("images")]
     record["normal_image"] = str(task["path"])
     return record
-
-
-def summarize(records) -> dict:
-    turns = [t for r in records for t in r["turns"]]
-    multi = [r for r in records if len(r["attempts"]) >= 2]
-    finals = [r["final_score"] for r in records if r["final_score"] is not None]
-    completed = [r for r in records if r["stop_reason"] == "answer" and r["mask"] is not None
-                 and "mask_gen" in r["tool_calls"]]
-    return {
-        "samples": len(records),
-        "well_formed_turns": sum(t["format_ok"] for t in turns) / max(len(turns), 1),
-        "completed": len(completed) / max(len(records), 1),
-        "multi_attempt": len(multi) / max(len(records), 1),
-        "improved_when_refined": sum(r["final_score"] is not None and r["qe_scores"] and
-                                     r["final_score"] > r["qe_scores"][0] for r in multi) / max(len(multi), 1),
-        "mean_final_score": float(np.mean(finals)) if finals else None,
-        "passed": sum(s >= tools.PASS_SCORE for s in finals) / max(len(records), 1),
-        "mean_turns": float(np.mean([r["num_turns"] for r in records])) if records else 0.0,
-    }
 
 
 def write_gallery(out, records) -> None:
@@ -235,7 +193,7 @@ def main(argv=None):
         raise tools.UserError("--policy: only 'expert' exists so far; trained policies come with sft.py")
     dataset = tools.load_dataset(args.data, args.data_root, args.size)
     out = Path(args.out)
-    tasks = make_tasks(dataset, args)
+    tasks = tools.plan_tasks(dataset, args.categories, args.types, args.per_type, args.seed)
     done = prepare_out(out, args)
     todo = [t for t in tasks if t["id"] not in done]
     print(f"{len(tasks)} samples on {dataset.name} ({len(done)} already in {out}, {len(todo)} to make)")
@@ -246,10 +204,7 @@ def main(argv=None):
     with open(out / "trajectories.jsonl", "a") as log, tqdm(total=len(todo), desc="synthesizing") as bar:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
-            episodes = [tools.Task(id=t["id"], category=t["category"], anomaly_type=t["anomaly_type"],
-                                   image=dataset.load(t["path"]), kind=dataset.kinds[t["category"]],
-                                   dataset=dataset.name, seed=t["seed"], image_path=str(t["path"]))
-                        for t in batch]
+            episodes = [tools.make_task(dataset, t) for t in batch]
             results = tools.run_episodes(policy, episodes, toolbox, args.max_turns,
                                          on_finish=lambda e: bar.update())
             for record, task in zip(results, batch):
@@ -259,14 +214,11 @@ def main(argv=None):
             log.flush()
             os.fsync(log.fileno())
 
-    summary = summarize(records)
+    summary = tools.episode_stats(records)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     write_gallery(out, records)
     write_overview(out, records)
-    print(f"{summary['samples']} samples | completed (answer after mask) {summary['completed']:.0%} | "
-          f"well-formed turns {summary['well_formed_turns']:.0%} | 2+ attempts "
-          f"{summary['multi_attempt']:.0%} (final beats first in {summary['improved_when_refined']:.0%}) | "
-          f"mean final QE {summary['mean_final_score'] or 0:.2f} | passed {summary['passed']:.0%}")
+    print(tools.format_stats(summary))
     print(f"gallery: {out / 'index.html'}")
 
 

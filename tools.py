@@ -962,6 +962,37 @@ class Task:
     image_path: str = ""
 
 
+def plan_tasks(dataset, categories=None, types=None, per_type=5, seed=0) -> list:
+    """Which normal image gets which anomaly type: per (category, type), per_type tasks on the
+    category's normal training images (a seeded order). categories and types are comma lists or
+    None (the evaluation group, all types)."""
+    categories = categories.split(",") if categories else dataset.eval_categories
+    plan = []
+    for cat in categories:
+        dataset.check_category(cat)
+        chosen = dataset.types(cat)
+        if types:
+            chosen = [t for t in types.split(",") if t in chosen]
+            if not chosen:
+                raise UserError(f"none of --types {types} exists for {cat}; known: "
+                                f"{', '.join(dataset.types(cat))}")
+        normals = dataset.train_good[cat]
+        if not normals:
+            raise UserError(f"no normal training images for {cat} under {dataset.root}")
+        order = np.random.default_rng(stable_seed(seed, cat)).permutation(len(normals))
+        for t in chosen:
+            for i in range(per_type):
+                plan.append(dict(id=f"{cat}/{t}/{i:03d}", category=cat, anomaly_type=t,
+                                 path=normals[order[i % len(normals)]], seed=stable_seed(seed, cat, t, i)))
+    return plan
+
+
+def make_task(dataset, planned) -> "Task":
+    return Task(id=planned["id"], category=planned["category"], anomaly_type=planned["anomaly_type"],
+                image=dataset.load(planned["path"]), kind=dataset.kinds[planned["category"]],
+                dataset=dataset.name, seed=planned["seed"], image_path=str(planned["path"]))
+
+
 class Toolbox:
     """The five tools with their backends; `session(task)` gives the per-episode state."""
 
@@ -1039,11 +1070,16 @@ class ToolSession:
         k = self._image(target_image, want="any")
         if self.sources[k - 1] == "mask":
             raise ToolError(f"image {k} is a mask; edit image 1, the original")
-        edited = self.box.painter.edit(self.images[k - 1], prompt, self.task.kind, rng, region)
-        self.images.append(edited)
+        return self.add_generated(self.box.painter.edit(self.images[k - 1], prompt, self.task.kind, rng, region),
+                                  prompt)
+
+    def add_generated(self, image, prompt):
+        """Number a new generated image. build_trajectories.py also uses it to replay a real
+        anomaly as the image a prompt produced."""
+        self.images.append(image)
         self.sources.append("generated")
         self.prompts[len(self.images)] = prompt
-        return {"image_index": len(self.images)}, [edited]
+        return {"image_index": len(self.images)}, [image]
 
     def quality_eval(self, anomaly_image, item_name, anomaly_type, rng):
         k = self._image(anomaly_image)
@@ -1269,6 +1305,40 @@ class Episode:
         }
 
 
+def episode_stats(records) -> dict:
+    """The rates every stage reports about a set of trajectories."""
+    turns = [t for r in records for t in r["turns"]]
+    multi = [r for r in records if len(r["attempts"]) >= 2]
+    finals = [r["final_score"] for r in records if r["final_score"] is not None]
+    completed = [r for r in records if r["stop_reason"] == "answer" and r["final_image_index"] is not None
+                 and (r["mask_index"] is not None or "mask_gen" not in system_tools(r["messages"]))]
+    n = max(len(records), 1)
+    return {
+        "samples": len(records),
+        "well_formed_turns": sum(t["format_ok"] for t in turns) / max(len(turns), 1),
+        "completed": len(completed) / n,
+        "multi_attempt": len(multi) / n,
+        "improved_when_refined": sum(r["final_score"] is not None and bool(r["qe_scores"]) and
+                                     r["final_score"] > r["qe_scores"][0] for r in multi) / max(len(multi), 1),
+        "mean_final_score": float(np.mean(finals)) if finals else None,
+        "passed": sum(s >= PASS_SCORE for s in finals) / n,
+        "mean_turns": float(np.mean([r["num_turns"] for r in records])) if records else 0.0,
+    }
+
+
+def format_stats(s) -> str:
+    return (f"{s['samples']} episodes | completed (answer after mask) {s['completed']:.0%} | well-formed "
+            f"turns {s['well_formed_turns']:.0%} | 2+ attempts {s['multi_attempt']:.0%} (final beats first "
+            f"in {s['improved_when_refined']:.0%}) | mean final QE {s['mean_final_score'] or 0:.2f} | "
+            f"passed {s['passed']:.0%}")
+
+
+def system_tools(messages) -> list:
+    """The tool names listed in a conversation's system prompt."""
+    found = re.search(r"<tools>\n(.*)\n</tools>", messages[0]["content"], re.S)
+    return [json.loads(line)["function"]["name"] for line in found.group(1).split("\n")] if found else []
+
+
 def run_episodes(policy, tasks, toolbox, max_turns=10, on_finish=None) -> list:
     """Play every task to its end. Each turn, all live episodes are answered by one batched policy
     call (the same loop serves synthesis, trajectory building and RL rollouts)."""
@@ -1307,9 +1377,7 @@ class ExpertPolicy:
         return [self.next_turn(messages) for messages in conversations]
 
     def next_turn(self, messages) -> str:
-        tools = [s["function"]["name"] for s in
-                 map(json.loads, re.search(r"<tools>\n(.*)\n</tools>", messages[0]["content"], re.S)
-                     .group(1).split("\n"))]
+        tools = system_tools(messages)
         m = re.search(r"Item: (.*?)\. Anomaly type: (.*?)\. Image size: (\d+)x", message_text(messages[1]))
         item, kind, side = m.group(1), m.group(2), int(m.group(3))
         history = []   # (tool name, arguments, result) of every call so far
@@ -1443,3 +1511,217 @@ class ExpertPolicy:
         thinking = " ".join([reason] + notes + [f"So I ask for a clearly visible {looks} of about "
                                                 f"{size} px with {edges}{place}, and edit image 1 again."])
         return format_call(thinking, "image_gen", {"prompt": prompt, "target_image": 1})
+
+
+# ==============================================================================================
+# 7. The policy: a vision-language model behind one wrapper (SFT, RL and synthesis share it)
+# ==============================================================================================
+# Conversations are rendered in ChatML, as Qwen-VL's chat template does; tool observations become
+# user turns wrapped in <tool_response>, the convention of Qwen's template. Rendering by hand keeps
+# the assistant-token mask exact and needs only the tokenizer and the image processor, so the same
+# code serves the tiny model built here and any Qwen-VL checkpoint.
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+
+
+def conversation_images(messages, root=None) -> list:
+    """Every image of a conversation in order; paths (as saved in trajectories) are read from root."""
+    images = []
+    for m in messages:
+        for part in m["content"] if isinstance(m["content"], list) else []:
+            if part["type"] == "image":
+                image = part["image"]
+                if isinstance(image, str):
+                    image = load_image(Path(root or ".") / image)
+                images.append(np.repeat(image[..., None], 3, 2) if image.ndim == 2 else image)
+    return images
+
+
+class VLMPolicy:
+    """A transformers vision-language model with its tokenizer and image processor.
+
+    act(): the next assistant turn for many conversations at once (batched sampling).
+    encode() / token_logprobs(): tokens, the assistant-token mask and per-token log-probabilities,
+    for training."""
+    name = "vlm"
+
+    def __init__(self, model, tokenizer, image_processor, temperature=1.0, max_new_tokens=384,
+                 image_root=None):
+        self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
+        self.temperature, self.max_new_tokens, self.image_root = temperature, max_new_tokens, image_root
+        self.merge = image_processor.merge_size ** 2
+        self.ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+    # -- loading and saving ----------------------------------------------------------------------
+    @classmethod
+    def load(cls, path, device="cpu", **kwargs):
+        """A model folder (runs/sft, a local checkpoint) or a Hugging Face id, e.g.
+        Qwen/Qwen3-VL-4B-Thinking. bf16 on GPU."""
+        import torch
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+        if Path(path).exists() and not (Path(path) / "config.json").is_file():
+            raise UserError(f"--policy {path} is not a model: expected a folder with config.json "
+                            "(run sft.py first) or a Hugging Face id")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            image_processor = AutoImageProcessor.from_pretrained(path)
+            model = AutoModelForImageTextToText.from_pretrained(
+                path, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--policy {path}: cannot load a vision-language model ({str(e).splitlines()[0]})") from None
+        return cls(model.to(device).eval(), tokenizer, image_processor, **kwargs)
+
+    def save(self, path):
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+    # -- rendering -------------------------------------------------------------------------------
+    def _render(self, messages, n_image_tokens, add_generation_prompt):
+        """Token ids and a 0/1 mask of the tokens the policy wrote (assistant turns + their end)."""
+        ids, mask, k = [], [], 0
+
+        def text(s, trainable=0):
+            t = self.tokenizer(s, add_special_tokens=False)["input_ids"]
+            ids.extend(t)
+            mask.extend([trainable] * len(t))
+
+        def image():
+            nonlocal k
+            ids.extend([self.ids["<|vision_start|>"]] + [self.ids["<|image_pad|>"]] * n_image_tokens[k]
+                       + [self.ids["<|vision_end|>"]])
+            mask.extend([0] * (n_image_tokens[k] + 2))
+            k += 1
+
+        for m in messages:
+            if m["role"] == "assistant":
+                text("<|im_start|>assistant\n")
+                text(m["content"] + "<|im_end|>", trainable=1)
+                text("\n")
+                continue
+            role = "system" if m["role"] == "system" else "user"
+            text(f"<|im_start|>{role}\n" + ("<tool_response>\n" if m["role"] == "tool" else ""))
+            for part in m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]:
+                image() if part["type"] == "image" else text(part["text"])
+            text(("\n</tool_response>" if m["role"] == "tool" else "") + "<|im_end|>\n")
+        if add_generation_prompt:
+            text("<|im_start|>assistant\n")
+        return ids, mask
+
+    def encode(self, conversations, add_generation_prompt=False, pad_left=False):
+        """A padded batch: input_ids, attention_mask, assistant_mask, mm_token_type_ids and the
+        images' pixel_values and image_grid_thw."""
+        import torch
+        rows, images = [], []
+        for messages in conversations:
+            imgs = conversation_images(messages, self.image_root)
+            n_tokens = []
+            if imgs:
+                grid = self.image_processor(images=imgs, return_tensors="pt")["image_grid_thw"]
+                n_tokens = [int(g.prod()) // self.merge for g in grid]
+            rows.append(self._render(messages, n_tokens, add_generation_prompt))
+            images += imgs
+        width = max(len(ids) for ids, _ in rows)
+        pad = self.ids["<|endoftext|>"]
+        batch = {k: torch.zeros(len(rows), width, dtype=torch.long)
+                 for k in ("input_ids", "attention_mask", "assistant_mask")}
+        batch["input_ids"].fill_(pad)
+        for i, (ids, mask) in enumerate(rows):
+            span = slice(width - len(ids), width) if pad_left else slice(0, len(ids))
+            batch["input_ids"][i, span] = torch.tensor(ids)
+            batch["attention_mask"][i, span] = 1
+            batch["assistant_mask"][i, span] = torch.tensor(mask)
+        batch["mm_token_type_ids"] = (batch["input_ids"] == self.ids["<|image_pad|>"]).long()
+        if images:
+            batch.update(self.image_processor(images=images, return_tensors="pt"))
+        return batch
+
+    def _model_inputs(self, batch):
+        device = self.model.device
+        keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+        return {k: batch[k].to(device) for k in keys if k in batch}
+
+    # -- training --------------------------------------------------------------------------------
+    def token_logprobs(self, batch, temperature=1.0):
+        """log p(token_t | tokens_<t) for t = 1..T-1 from temperature-scaled logits, and the mask of
+        the tokens the policy wrote."""
+        import torch
+        inputs = self._model_inputs(batch)
+        logits = self.model(**inputs).logits[:, :-1].float() / temperature
+        targets = inputs["input_ids"][:, 1:]
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+        return logp, batch["assistant_mask"][:, 1:].to(logp.device).float()
+
+    # -- acting ----------------------------------------------------------------------------------
+    def act(self, conversations, greedy=False) -> list:
+        import torch
+        batch = self.encode(conversations, add_generation_prompt=True, pad_left=True)
+        inputs = self._model_inputs(batch)
+        sampling = dict(do_sample=False) if greedy or self.temperature == 0 else \
+            dict(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0)
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens,
+                                      eos_token_id=self.ids["<|im_end|>"],
+                                      pad_token_id=self.ids["<|endoftext|>"], **sampling)
+        replies = []
+        for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+            if self.ids["<|im_end|>"] in row:
+                row = row[:row.index(self.ids["<|im_end|>"])]
+            replies.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        return replies
+
+
+def train_tokenizer(texts, vocab_size=4000):
+    """A byte-level BPE tokenizer trained offline on the trajectory corpus, with ChatML's special
+    tokens: what a tiny model needs to read and write tool calls compactly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def tiny_policy(texts, image_side=128, seed=0, **kwargs) -> VLMPolicy:
+    """A small Qwen3-VL built from config (random init): 4 layers of width 256, a 2-layer vision
+    tower, an image of image_side pixels seen as (image_side / 32)^2 tokens."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(texts)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=64, max_position_embeddings=8192,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [8, 12, 12], "mrope_interleaved": True}),
+        vision_config=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2,
+                           out_hidden_size=256, patch_size=16, spatial_merge_size=2,
+                           temporal_patch_size=2, num_position_embeddings=256,
+                           deepstack_visual_indexes=[1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+    model = Qwen3VLForConditionalGeneration(config)
+    pixels = image_side * image_side
+    image_processor = Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2,
+                                               min_pixels=pixels, max_pixels=pixels,
+                                               image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return VLMPolicy(model, tokenizer, image_processor, **kwargs)
+
+
+def load_policy(spec, seed=0, device="cpu", **kwargs):
+    """--policy expert | a model folder (runs/sft) | a Hugging Face id."""
+    if spec == "expert":
+        return ExpertPolicy(seed=seed)
+    import torch
+    torch.manual_seed(seed)
+    return VLMPolicy.load(spec, device=device, **kwargs)

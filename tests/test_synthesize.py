@@ -26,7 +26,7 @@ def default_run(toy_root, tmp_path_factory):
 def test_default_run_covers_every_eval_type_with_complete_trajectories(default_run, toy):
     out, result = default_run
     rs = records(out)
-    assert "samples | completed (answer after mask) 100%" in result.stdout
+    assert "episodes | completed (answer after mask) 100%" in result.stdout
     for cat in toy.eval_categories:
         for t in toy.types(cat):
             mine = [r for r in rs if (r["category"], r["anomaly_type"]) == (cat, t)]
