@@ -224,17 +224,17 @@ def main(argv=None):
     args = get_args(argv)
     if not 1 <= args.n_max <= 5:
         raise tools.UserError("--n-max must be between 1 and 5")
+    out = Path(args.out)
+    if (out / "train.jsonl").exists():
+        raise tools.UserError(f"{out} already holds trajectories; pass another --out or delete it")
     dataset = tools.load_dataset(args.data, args.data_root, args.size)
-    categories = args.categories.split(",") if args.categories else dataset.train_categories
+    categories = tools.comma_list(args.categories, "--categories") if args.categories else dataset.train_categories
     anomalies = [a for c in categories for a in dataset.anomalies[dataset.check_category(c)]]
     if not anomalies:
         raise tools.UserError(f"no labelled anomalies with masks in {', '.join(categories)} of "
                               f"{dataset.root}: trajectories are built from real anomalies")
     rng = np.random.default_rng(args.seed)
     anomalies = [anomalies[i] for i in rng.permutation(len(anomalies))][:args.limit]
-    out = Path(args.out)
-    if (out / "train.jsonl").exists():
-        raise tools.UserError(f"{out} already holds trajectories; pass another --out or delete it")
     toolbox = tools.Toolbox()
     splits, counts = {"train": [], "val": []}, Counter()
     for a in tqdm(anomalies, desc="trajectories"):

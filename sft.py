@@ -1,9 +1,288 @@
 """
 sft.py -- supervised fine-tuning of the policy on structured trajectories (METHOD.md section 5).
 
-Not built yet: this stage arrives with issue #3 (structured trajectories and SFT).
+    python build_trajectories.py && python sft.py        # toy world, tiny Qwen3-VL built from config
+    python sft.py --data mvtec --data-root /data/mvtec_anomaly_detection \\
+        --trajectories runs/trajectories-visa --policy Qwen/Qwen3-VL-4B-Thinking   # the paper's setting
+
+Next-token loss on the assistant turns only (thinking, tool calls, answer, each turn's end token);
+system prompt, user message and tool observations are context. The vision encoder is frozen, its
+projector and the language model train (fully, or with LoRA: the default above 1B parameters).
+AdamW with a cosine schedule after warmup, gradient accumulation, gradient clipping, bf16 autocast
+on GPU, validation loss every --eval-every steps, a checkpoint every --save-every steps (--resume
+continues from it). At the end it saves the model to OUT (load it with --policy OUT in
+synthesize.py and rl.py) and plays a short rollout evaluation on --data's evaluation categories:
+the share of well-formed turns and of completed episodes (answer after mask).
+
+Simplifies: one conversation's images are encoded at the processor's fixed size; sequences are
+not packed.
 """
+import argparse
+import json
+import math
+import random
+import re
 import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import tools
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--trajectories", default="runs/trajectories", help="folder with train.jsonl and val.jsonl")
+    data.add_argument("--data", default="toy", help="dataset of the final rollout evaluation: toy, mvtec or visa")
+    data.add_argument("--data-root", default=None, help="its folder")
+    data.add_argument("--size", type=int, default=None, help="image side in pixels (toy 128, real 256)")
+    model = p.add_argument_group("model")
+    model.add_argument("--policy", default="tiny", help="tiny (built from config) or a model folder / Hugging Face id")
+    model.add_argument("--lora", default="auto", choices=["auto", "on", "off"], help="LoRA adapters (auto: models over 1B)")
+    model.add_argument("--lora-rank", type=int, default=16, help="LoRA rank")
+    model.add_argument("--train-vision", action="store_true", help="also train the vision encoder")
+    model.add_argument("--rename-prob", type=float, default=0.5,
+                       help="chance a trajectory's item is renamed to another object, so the policy "
+                            "learns to copy the item from the task instead of memorizing it")
+    optim = p.add_argument_group("optimization")
+    optim.add_argument("--epochs", type=float, default=5, help="passes over the training trajectories (paper: 3)")
+    optim.add_argument("--lr", type=float, default=None, help="peak learning rate (tiny: 1e-3; paper: 1e-5)")
+    optim.add_argument("--batch-size", type=int, default=2, help="trajectories per optimizer step")
+    optim.add_argument("--micro-batch", type=int, default=2, help="trajectories per forward pass")
+    optim.add_argument("--warmup", type=float, default=0.05, help="share of steps for linear warmup")
+    optim.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    optim.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip")
+    run = p.add_argument_group("run")
+    run.add_argument("--out", default="runs/sft", help="output folder: the model, checkpoint/, metrics.jsonl")
+    run.add_argument("--eval-every", type=int, default=100, help="steps between validation losses")
+    run.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
+    run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    run.add_argument("--rollouts", type=int, default=2, help="episodes per (category, type) in the final evaluation")
+    run.add_argument("--max-turns", type=int, default=10, help="turns per evaluation episode")
+    run.add_argument("--seed", type=int, default=0, help="seed of initialization, order and sampling")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    return p.parse_args(argv)
+
+
+def read_trajectories(path) -> list:
+    if not path.is_file():
+        raise tools.UserError(f"{path} not found: run build_trajectories.py first")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise tools.UserError(f"{path}:{n} is not valid JSON") from None
+    if not records:
+        raise tools.UserError(f"{path} holds no trajectories: run build_trajectories.py first")
+    return records
+
+
+def rename_item(record, name):
+    """The trajectory with its item called name everywhere (task, thinking, arguments, prompts)."""
+    pattern = re.compile(rf"\b{re.escape(record['category'].replace('_', ' '))}\b")
+    messages = []
+    for m in record["messages"]:
+        if m["role"] == "system":
+            messages.append(m)
+        elif isinstance(m["content"], str):
+            messages.append({**m, "content": pattern.sub(name, m["content"])})
+        else:
+            messages.append({**m, "content": [{**part, "text": pattern.sub(name, part["text"])}
+                                              if part["type"] == "text" else part for part in m["content"]]})
+    return {**record, "messages": messages}
+
+
+def assistant_loss(policy, batch):
+    """Summed negative log-likelihood of the assistant tokens, and how many there are."""
+    logp, mask = policy.token_logprobs(batch)
+    return -(logp * mask).sum(), mask.sum()
+
+
+def validation_loss(policy, records, micro_batch, autocast):
+    policy.model.eval()
+    total, count = 0.0, 0.0
+    with torch.no_grad(), autocast():
+        for i in range(0, len(records), micro_batch):
+            loss, n = assistant_loss(policy, policy.encode([r["messages"] for r in records[i:i + micro_batch]]))
+            total, count = total + loss.item(), count + n.item()
+    policy.model.train()
+    return total / max(count, 1)
+
+
+def prepare_model(policy, args):
+    """Freeze the vision encoder (its projector trains), optionally wrap the LLM in LoRA."""
+    model = policy.model
+    n_params = sum(p.numel() for p in model.parameters())
+    for name, param in model.named_parameters():
+        param.requires_grad = args.train_vision or "visual" not in name or "merger" in name
+    use_lora = args.lora == "on" or (args.lora == "auto" and n_params > 1e9)
+    if use_lora:
+        from peft import LoraConfig, get_peft_model
+        policy.model = get_peft_model(model, LoraConfig(
+            r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
+            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
+        for name, param in policy.model.named_parameters():   # the projector keeps training
+            if "visual" in name and "merger" in name and not args.train_vision:
+                param.requires_grad = True
+    trainable = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
+    print(f"model: {n_params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained"
+          f"{' (LoRA)' if use_lora else ''}")
+    return use_lora
+
+
+def save_checkpoint(out, policy, optimizer, scheduler, step, use_lora):
+    """OUT/checkpoint, written beside and renamed over the last one, so a kill never loses both."""
+    tmp, final = out / "checkpoint.tmp", out / "checkpoint"
+    policy.save(tmp) if not use_lora else policy.model.save_pretrained(tmp)
+    policy.tokenizer.save_pretrained(tmp)
+    policy.image_processor.save_pretrained(tmp)
+    torch.save({"model": policy.model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "python_rng": random.getstate(),
+                "torch_rng": torch.get_rng_state()}, tmp / "training_state.pt")
+    if final.exists():
+        old = out / "checkpoint.old"
+        final.rename(old)
+        tmp.rename(final)
+        import shutil
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+
+
+def rollout_evaluation(policy, args):
+    """Greedy episodes on the evaluation categories, through the shared runner."""
+    dataset = tools.load_dataset(args.data, args.data_root, args.size)
+    plan = tools.plan_tasks(dataset, per_type=args.rollouts, seed=args.seed)
+    policy.model.eval()
+    act = policy.act
+    policy.act = lambda conversations: act(conversations, greedy=True)
+    records = []
+    for i in tqdm(range(0, len(plan), 16), desc="rollout evaluation"):
+        tasks = [tools.make_task(dataset, t) for t in plan[i:i + 16]]
+        records += tools.run_episodes(policy, tasks, tools.Toolbox(), args.max_turns)
+    policy.act = act
+    return tools.episode_stats(records)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    folder = Path(args.trajectories)
+    train = read_trajectories(folder / "train.jsonl")
+    has_val = (folder / "val.jsonl").is_file() and (folder / "val.jsonl").stat().st_size > 0
+    val = read_trajectories(folder / "val.jsonl") if has_val else train[:8]   # tiny runs have no val split
+    if (out / "config.json").exists() and not args.resume and not (out / "checkpoint").exists():
+        raise tools.UserError(f"{out} already holds a model; pass another --out")
+    if (out / "checkpoint").exists() and not args.resume:
+        raise tools.UserError(f"{out} holds a checkpoint: pass --resume to continue it, or another --out")
+
+    # the policy, its trainable parameters, the optimizer and the schedule
+    if args.resume:
+        if not (out / "checkpoint" / "training_state.pt").is_file():
+            raise tools.UserError(f"--resume: no checkpoint in {out}")
+        state = torch.load(out / "checkpoint" / "training_state.pt", weights_only=False)
+    if args.policy == "tiny":
+        texts = [m["content"] if isinstance(m["content"], str) else tools.message_text(m)
+                 for r in train for m in r["messages"]]
+        policy = tools.tiny_policy(texts, image_side=args.size or 128, seed=args.seed)
+        lr = args.lr or 1e-3
+    else:
+        policy = tools.VLMPolicy.load(args.policy, device=args.device)
+        lr = args.lr or 1e-5
+    policy.image_root = folder
+    policy.model.to(args.device).train()
+    use_lora = prepare_model(policy, args)
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    total_steps = max(1, math.ceil(args.epochs * len(train) / args.batch_size))
+    warmup = int(args.warmup * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * (
+        0.5 * (1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, total_steps - warmup))))))
+    step = 0
+    if args.resume:
+        policy.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        random.setstate(state["python_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resuming from step {step} of {total_steps}")
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.device.startswith("cuda") \
+        else (lambda: torch.autocast("cpu", enabled=False))
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "metrics.jsonl", "a")
+
+    # other objects' names for renaming; never the evaluation categories', which stay unseen
+    held_out = set(tools.load_dataset(args.data, args.data_root, args.size).eval_categories)
+    aliases = sorted({c.replace("_", " ") for ds in tools.KnowledgeBase().data.values() for c in ds}
+                     - held_out - {r["category"] for r in train})
+
+    # the loop: each step takes the next batch_size trajectories of a per-epoch shuffled order
+    order = []
+    rng = random.Random(args.seed)
+    for _ in range(math.ceil(args.epochs) + 1):
+        epoch = list(range(len(train)))
+        rng.shuffle(epoch)
+        order += epoch
+    if step == 0:
+        first = validation_loss(policy, val, args.micro_batch, autocast)
+        log.write(json.dumps({"step": 0, "val_loss": first}) + "\n")
+        print(f"step 0: validation loss {first:.3f}")
+    bar = tqdm(range(step, total_steps), desc="sft", initial=step, total=total_steps)
+    start = time.time()
+    for step in bar:
+        chosen = [train[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
+        chosen = [rename_item(r, rng.choice(aliases)) if rng.random() < args.rename_prob else r for r in chosen]
+        batches = [policy.encode([r["messages"] for r in chosen[i:i + args.micro_batch]])
+                   for i in range(0, len(chosen), args.micro_batch)]
+        # the step's loss is a mean over all its assistant tokens, however they fall into micro-batches
+        n_tokens = sum(int(b["assistant_mask"][:, 1:].sum()) for b in batches)
+        step_loss = 0.0
+        for batch in batches:
+            with autocast():
+                loss, _ = assistant_loss(policy, batch)
+            (loss / n_tokens).backward()
+            step_loss += loss.item() / n_tokens
+        if not math.isfinite(step_loss):
+            raise tools.UserError(f"step {step + 1}: the loss is {step_loss}; lower --lr (the last "
+                                  "checkpoint is kept)")
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+        entry = {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                 "seconds": round(time.time() - start, 1)}
+        if (step + 1) % args.eval_every == 0 or step + 1 == total_steps:
+            entry["val_loss"] = validation_loss(policy, val, args.micro_batch, autocast)
+            bar.write(f"step {step + 1}: validation loss {entry['val_loss']:.3f}")
+        log.write(json.dumps(entry) + "\n")
+        log.flush()
+        if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            save_checkpoint(out, policy, optimizer, scheduler, step + 1, use_lora)
+    log.close()
+
+    # save the final model (LoRA merged in, so every stage loads a plain model) and evaluate it
+    if use_lora:
+        policy.model = policy.model.merge_and_unload()
+    policy.save(out)
+    stats = rollout_evaluation(policy, args)
+    (out / "rollout_eval.json").write_text(json.dumps(stats, indent=1))
+    print(f"saved {out}. Rollout evaluation on {args.data}'s evaluation categories: "
+          + tools.format_stats(stats))
+
 
 if __name__ == "__main__":
-    sys.exit("sft.py is not built yet (issue #3); synthesize.py runs the expert agent today")
+    try:
+        main()
+    except tools.UserError as e:
+        sys.exit(f"error: {e}")

@@ -17,8 +17,9 @@ through the shared episode runner (tools.run_episodes), and writes:
     OUT/config.json, OUT/summary.json         the settings, and the run's rates
 
 Rerunning with the same settings resumes: finished samples are kept and only missing ones are made.
+The policy is the scripted expert by default, or a trained model (--policy runs/sft or runs/rl).
 Simplifies: the offline tool backends (procedural painter, measured judge) stand in for the paper's
-Gemini models; the policy is the scripted expert until sft.py trains one.
+Gemini models.
 """
 import argparse
 import html
@@ -28,6 +29,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy import ndimage
 from tqdm import tqdm
 
@@ -45,7 +47,9 @@ def get_args(argv=None):
     data.add_argument("--types", default=None, help="comma list of anomaly types; default: all")
     data.add_argument("--per-type", type=int, default=5, help="samples per (category, type)")
     agent = p.add_argument_group("agent")
-    agent.add_argument("--policy", default="expert", help="expert (scripted); trained policies come with sft.py")
+    agent.add_argument("--policy", default="expert", help="expert (scripted), a trained model folder (runs/sft) or a Hugging Face id")
+    agent.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of a model policy (0: greedy)")
+    agent.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where a model policy runs")
     agent.add_argument("--tools", default="PG,IG,QE,KR,MG", help="tools the agent may call (ablations)")
     agent.add_argument("--max-turns", type=int, default=10, help="turns per episode (paper: 10)")
     run = p.add_argument_group("run")
@@ -56,12 +60,13 @@ def get_args(argv=None):
 
 
 # settings that change what a sample looks like: a resumed run must share them
-RUN_SETTINGS = ("data", "data_root", "size", "policy", "tools", "max_turns", "seed")
+RUN_SETTINGS = ("data", "data_root", "size", "policy", "temperature", "tools", "max_turns", "seed")
 
 
-def prepare_out(out, args) -> dict:
+def prepare_out(out, args, dataset) -> dict:
     """Create or resume OUT; returns the finished records by id. Never overwrites another run."""
     config = {k: getattr(args, k) for k in RUN_SETTINGS}
+    config.update(data_root=str(dataset.root.resolve()), size=dataset.image_size)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -71,7 +76,10 @@ def prepare_out(out, args) -> dict:
         raise tools.UserError(f"cannot write to --out {out}: {e.strerror or e}") from None
     config_path = out / "config.json"
     if config_path.exists():
-        old = json.loads(config_path.read_text())
+        try:
+            old = json.loads(config_path.read_text())
+        except ValueError:
+            raise tools.UserError(f"{config_path} is corrupt; pass another --out") from None
         diff = [f"--{k.replace('_', '-')} {old.get(k)} -> {config[k]}" for k in RUN_SETTINGS
                 if old.get(k) != config[k]]
         if diff:
@@ -96,7 +104,7 @@ def prepare_out(out, args) -> dict:
     return done
 
 
-def save_record(record, task, out, toolbox) -> dict:
+def save_record(record, out, toolbox) -> dict:
     """Write the episode's images and return its JSON record, images replaced by relative paths."""
     cat, t, i = record["id"].split("/")
     base = Path(cat) / t
@@ -120,7 +128,6 @@ def save_record(record, task, out, toolbox) -> dict:
             message["content"] = [{"type": "image", "image": paths[id(part["image"])]}
                                   if part["type"] == "image" else part for part in message["content"]]
     record["step_images"] = [paths[id(im)] for im in record.pop("images")]
-    record["normal_image"] = str(task["path"])
     return record
 
 
@@ -176,10 +183,11 @@ def write_overview(out, records, per_row=4) -> None:
     for group in rows.values():
         tile = [tools.load_image(out / group[0]["step_images"][0])]
         for r in group[:per_row]:
-            image = tools.load_image(out / r["final_image"]).copy()
+            image = tools.load_image(out / r["final_image"])
+            outlined = image.copy()
             mask = tools.load_mask(out / r["mask"])
-            image[mask & ~ndimage.binary_erosion(mask)] = (255, 0, 0)
-            tile += [tools.load_image(out / r["final_image"]), image]
+            outlined[mask & ~ndimage.binary_erosion(mask)] = (255, 0, 0)
+            tile += [image, outlined]
         side = tile[0].shape[0]
         blank = np.full((side, side, 3), 255, np.uint8)
         tiles.append(np.concatenate(tile + [blank] * (1 + 2 * per_row - len(tile)), axis=1))
@@ -189,26 +197,28 @@ def write_overview(out, records, per_row=4) -> None:
 def main(argv=None):
     args = get_args(argv)
     args.tools = ",".join(tools.parse_tools_flag(args.tools))
-    if args.policy != "expert":
-        raise tools.UserError("--policy: only 'expert' exists so far; trained policies come with sft.py")
+    for flag in ("per_type", "max_turns", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise tools.UserError(f"--{flag.replace('_', '-')} must be at least 1")
     dataset = tools.load_dataset(args.data, args.data_root, args.size)
     out = Path(args.out)
     tasks = tools.plan_tasks(dataset, args.categories, args.types, args.per_type, args.seed)
-    done = prepare_out(out, args)
+    done = prepare_out(out, args, dataset)
     todo = [t for t in tasks if t["id"] not in done]
-    print(f"{len(tasks)} samples on {dataset.name} ({len(done)} already in {out}, {len(todo)} to make)")
+    print(f"{len(tasks)} samples on {dataset.name} ({len(tasks) - len(todo)} already in {out}, "
+          f"{len(todo)} to make)")
 
     toolbox = tools.Toolbox(enabled=args.tools.split(","))
-    policy = tools.ExpertPolicy(seed=args.seed)
-    records = [done[t["id"]] for t in tasks if t["id"] in done]
+    policy = tools.load_policy(args.policy, seed=args.seed, device=args.device, temperature=args.temperature)
+    records = list(done.values())   # the summary and gallery show everything in OUT
     with open(out / "trajectories.jsonl", "a") as log, tqdm(total=len(todo), desc="synthesizing") as bar:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
             episodes = [tools.make_task(dataset, t) for t in batch]
             results = tools.run_episodes(policy, episodes, toolbox, args.max_turns,
                                          on_finish=lambda e: bar.update())
-            for record, task in zip(results, batch):
-                record = save_record(record, task, out, toolbox)
+            for record in results:
+                record = save_record(record, out, toolbox)
                 log.write(json.dumps(record) + "\n")
                 records.append(record)
             log.flush()

@@ -22,8 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from scipy import ndimage
+
+from toy_world import TOY_CATEGORIES, render_anomaly, render_normal   # the toy world's renderer
 
 HERE = Path(__file__).resolve().parent
 
@@ -141,6 +144,10 @@ class Dataset:
 
 def load_dataset(name, root=None, size=None, seed=0) -> Dataset:
     """--data toy|mvtec|visa: the toy world is generated on first use and cached under data/toy."""
+    if size is not None and size < 32:
+        raise UserError(f"--size must be at least 32 pixels, not {size}")
+    if root is not None and Path(root).exists() and not Path(root).is_dir():
+        raise UserError(f"--data-root {root} is a file, not a folder")
     if name == "toy":
         size = size or 128
         root = Path(root) if root else HERE / "data" / "toy" / f"{size}px-seed{seed}"
@@ -213,7 +220,10 @@ def _visa_dataset(root, size) -> Dataset:
             for r in csv.DictReader(f):
                 if not {"image", "label"} <= set(r):
                     raise UserError(f"{anno} must have the columns image, label")
-                type_of[r["image"]] = _visa_type(r["label"])
+                if r["label"] != "normal":
+                    if not (r["label"] or "").strip():
+                        raise UserError(f"{anno}: the anomaly {r['image']} has no label")
+                    type_of[r["image"]] = _visa_type(r["label"])
     train_good, test_good, anomalies = {}, {}, {}
     for r in rows:
         cat = r["object"]
@@ -237,7 +247,7 @@ def _visa_dataset(root, size) -> Dataset:
 def _visa_type(label):
     """'chunk of wax missing' -> 'chunk_of_wax_missing'; several defects on one image -> 'combined'."""
     labels = [l for l in re.split(r"[,;]", label) if l.strip()]
-    return "combined" if len(labels) > 1 else normalize_key(labels[0] if labels else "unknown")
+    return "combined" if len(labels) > 1 else normalize_key(labels[0])
 
 
 # ---- the toy world ---------------------------------------------------------------------------
@@ -248,13 +258,15 @@ def _visa_type(label):
 
 TOY_COUNTS = {"train_good": 20, "test_good": 10, "per_type": 15}
 
-from toy_world import TOY_CATEGORIES, render_anomaly, render_normal  # noqa: E402  (the renderer: data, not method)
 
 
 def _toy_dataset(root, size, seed) -> Dataset:
     manifest = root / "toy.json"
     if manifest.is_file():
-        made = json.loads(manifest.read_text())
+        try:
+            made = json.loads(manifest.read_text())
+        except ValueError:
+            raise UserError(f"{manifest} is corrupt; delete {root} to generate the toy world again") from None
         if (made["size"], made["seed"]) != (size, seed):
             raise UserError(f"{root} holds the toy world at size {made['size']}, seed {made['seed']}; "
                             f"pass --size {made['size']} or another --data-root")
@@ -262,7 +274,10 @@ def _toy_dataset(root, size, seed) -> Dataset:
         raise UserError(f"{root} is not a toy world (no toy.json) and is not empty; pass an empty "
                         "or new --data-root to generate one there")
     else:
-        generate_toy_world(root, size, seed)
+        try:
+            generate_toy_world(root, size, seed)
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"cannot generate the toy world in {root}: {e}") from None
     kinds = {c: s["kind"] for c, s in TOY_CATEGORIES.items()}
     groups = {g: [c for c, s in TOY_CATEGORIES.items() if s["group"] == g] for g in ("train", "eval")}
     return _read_mvtec_layout("toy", root, size, kinds, groups["train"], groups["eval"])
@@ -277,17 +292,17 @@ def generate_toy_world(root, size=128, seed=0, counts=TOY_COUNTS, categories=Non
     categories = categories or list(TOY_CATEGORIES)
     jobs = [(c, split, t) for c in categories
             for split, t in [("train", "good"), ("test", "good")] + [("test", t) for t in TOY_CATEGORIES[c]["types"]]]
-    for cat, split, kind in tqdm(jobs, desc=f"toy world -> {root}", leave=False):
-        n = counts[f"{split}_good"] if kind == "good" else counts["per_type"]
-        rng = np.random.default_rng([seed, stable_seed(cat, split, kind)])
+    for cat, split, label in tqdm(jobs, desc=f"toy world -> {root}", leave=False):
+        n = counts[f"{split}_good"] if label == "good" else counts["per_type"]
+        rng = np.random.default_rng([seed, stable_seed(cat, split, label)])
         for i in range(n):
             image, foreground = render_normal(cat, rng, size)
-            if kind == "good":
+            if label == "good":
                 save_png(image, tmp / cat / split / "good" / f"{i:03d}.png")
                 continue
-            image, mask = render_anomaly(cat, kind, image, foreground, rng)
-            save_png(image, tmp / cat / "test" / kind / f"{i:03d}.png")
-            save_png(mask, tmp / cat / "ground_truth" / kind / f"{i:03d}_mask.png")
+            image, mask = render_anomaly(cat, label, image, foreground, rng)
+            save_png(image, tmp / cat / "test" / label / f"{i:03d}.png")
+            save_png(mask, tmp / cat / "ground_truth" / label / f"{i:03d}_mask.png")
     (tmp / "toy.json").write_text(json.dumps({"size": size, "seed": seed, "counts": counts,
                                               "categories": categories}, indent=1))
     if root.exists():
@@ -330,9 +345,6 @@ class KnowledgeBase:
                     return ds, cat, entry
         raise KnowledgeError(f"unknown item '{category}'; known items: "
                              + ", ".join(sorted({c for d in self.data.values() for c in d})))
-
-    def category(self, category, dataset=None) -> dict:
-        return self._find_category(category, dataset)[2]
 
     def lookup(self, category, anomaly_type, dataset=None) -> dict:
         """The entry for (category, type), with the category's kind, object and part merged in."""
@@ -536,8 +548,12 @@ class ProceduralPainter:
     vague prompts give variable results and precise prompts give consistent ones."""
 
     def read(self, prompt, side, rng) -> PaintSpec:
-        text = prompt.lower()
-        family = guess_family(text)
+        whole = prompt.lower()
+        # "change only <part> to introduce a <type>: <description>": the look is read from the
+        # description, so a type or part name ("missing_wire", "thread") does not override it
+        text = whole.split(":", 1)[1] if ":" in whole else whole
+        family = next((f for f, phrase in SHAPE_PHRASES.items() if phrase in text), None) \
+            or guess_family(text) or guess_family(whole)
         if family is None:
             raise ToolError("the prompt names no defect; describe its shape, e.g. 'a thin scratch', "
                             "'a jagged crack', 'a dark round hole', 'a brown stain'")
@@ -561,8 +577,8 @@ class ProceduralPainter:
         px = re.search(r"(\d+(?:\.\d+)?)\s*(?:px|pixels?)\b", text)
         words = {"tiny": (0.03, 0.06), "small": (0.06, 0.12), "medium": (0.12, 0.25),
                  "large": (0.25, 0.45), "long": (0.3, 0.55)}
-        if px:
-            extent = float(px.group(1)) * rng.uniform(0.92, 1.08)
+        if px:   # clamped: a policy asking for a 10^9-pixel crack gets the largest sensible one
+            extent = min(float(px.group(1)), 2.0 * side) * rng.uniform(0.92, 1.08)
         else:
             lo, hi = next((r for w, r in words.items() if _has(text, w)), (0.04, 0.5))
             extent = rng.uniform(lo, hi) * side
@@ -581,22 +597,22 @@ class ProceduralPainter:
             soft = False
         else:
             soft = bool(rng.random() < 0.5)
-        place = None
-        if family == "notch" or _has(text, "at the edge|on the edge|along the edge|at the outline|touching the outline"):
+        # the place may be named anywhere, the part included ("the bottle rim", "the inside of")
+        if family == "notch" or _has(whole, "at the edge|on the edge|along the edge|at the outline|touching the outline"):
             place = "edge"
-        elif _has(text, "rim|border|band"):
+        elif _has(whole, "rim|border|band"):
             place = "rim"
-        elif _has(text, "inside|interior"):
+        elif _has(whole, "inside|interior"):
             place = "inside"
-        elif _has(text, "away from the outline|away from the edges?"):
+        elif _has(whole, "away from the outline|away from the edges?"):
             place = "interior"
         else:
             place = next((p for p in ("top-left", "top-right", "bottom-left", "bottom-right",
                                       "center", "centre", "middle", "top", "bottom", "left", "right")
-                          if _has(text, p)), None)
+                          if _has(whole, p)), None)
         colour = COLOURS[colour_word] if colour_word else None
         return PaintSpec(family, tone, colour, float(strength), float(max(extent, 2.0)),
-                         float(width), soft, place)
+                         float(min(width, side / 4)), soft, place)
 
     def edit(self, image, prompt, kind, rng, region=None) -> np.ndarray:
         side = image.shape[0]
@@ -732,7 +748,7 @@ def _random_walk(anchor, angle, length, rng):
 def _region_mask(region, shape):
     try:
         x0, y0, x1, y1 = (int(round(float(v))) for v in region)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ToolError("region must be [x0, y0, x1, y1] in pixels") from None
     m = np.zeros(shape, bool)
     m[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
@@ -819,8 +835,11 @@ class MeasuredJudge:
             peak = np.percentile(d[main], 90)
             core = smooth > 0.5 * peak
             contour = core & ~ndimage.binary_erosion(core)
-            steepness = np.hypot(*np.gradient(smooth))[contour].mean() / max(peak, 1e-6)
-            blended = float(np.clip((0.27 - steepness) / 0.08, 0, 1))
+            if contour.any():
+                steepness = np.hypot(*np.gradient(smooth))[contour].mean() / max(peak, 1e-6)
+                blended = float(np.clip((0.27 - steepness) / 0.08, 0, 1))
+            else:   # no body to blend (a hairline): it cannot read as a soft stain
+                blended = 0.0
             issues.append((1.5 * (1 - blended), f"The {name} has hard pasted-on edges; blend its "
                                                  "border softly into the surface."))
         # a rubric, not a sum: a faint, spilled or pasted-looking defect is not rescued by the rest
@@ -966,16 +985,17 @@ def plan_tasks(dataset, categories=None, types=None, per_type=5, seed=0) -> list
     """Which normal image gets which anomaly type: per (category, type), per_type tasks on the
     category's normal training images (a seeded order). categories and types are comma lists or
     None (the evaluation group, all types)."""
-    categories = categories.split(",") if categories else dataset.eval_categories
+    categories = dataset.eval_categories if categories is None else comma_list(categories, "--categories")
+    types = None if types is None else comma_list(types, "--types")
+    for t in types or []:
+        if not any(t in dataset.types(dataset.check_category(c)) for c in categories):
+            raise UserError(f"--types: no category of {', '.join(categories)} has the type '{t}'")
     plan = []
     for cat in categories:
-        dataset.check_category(cat)
-        chosen = dataset.types(cat)
-        if types:
-            chosen = [t for t in types.split(",") if t in chosen]
-            if not chosen:
-                raise UserError(f"none of --types {types} exists for {cat}; known: "
-                                f"{', '.join(dataset.types(cat))}")
+        chosen = [t for t in dataset.types(dataset.check_category(cat)) if types is None or t in types]
+        if not chosen:
+            raise UserError(f"none of --types {','.join(types)} exists for {cat}; known: "
+                            f"{', '.join(dataset.types(cat))}")
         normals = dataset.train_good[cat]
         if not normals:
             raise UserError(f"no normal training images for {cat} under {dataset.root}")
@@ -985,6 +1005,14 @@ def plan_tasks(dataset, categories=None, types=None, per_type=5, seed=0) -> list
                 plan.append(dict(id=f"{cat}/{t}/{i:03d}", category=cat, anomaly_type=t,
                                  path=normals[order[i % len(normals)]], seed=stable_seed(seed, cat, t, i)))
     return plan
+
+
+def comma_list(text, flag) -> list:
+    """'a, b,,a' -> ['a', 'b']; an empty list is an error naming the flag."""
+    items = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    if not items:
+        raise UserError(f"{flag} is empty")
+    return items
 
 
 def make_task(dataset, planned) -> "Task":
@@ -1012,12 +1040,12 @@ class Toolbox:
 
     def entry(self, task, item_name=None, anomaly_type=None) -> dict:
         """Knowledge for the judge and the prompt writer; a type the base lacks gets guessed attributes."""
-        item, kind = item_name or task.category, anomaly_type or task.anomaly_type
+        item, defect = item_name or task.category, anomaly_type or task.anomaly_type
         try:
-            return self.knowledge.lookup(item, kind, task.dataset)
+            return self.knowledge.lookup(item, defect, task.dataset)
         except KnowledgeError:
-            return {"type": normalize_key(kind), "object": f"a {item}", "kind": task.kind,
-                    "attributes": guess_attributes(kind)}
+            return {"type": normalize_key(defect), "object": f"a {item}", "kind": task.kind,
+                    "attributes": guess_attributes(defect)}
 
 
 class ToolSession:
@@ -1082,8 +1110,9 @@ class ToolSession:
         return {"image_index": len(self.images)}, [image]
 
     def quality_eval(self, anomaly_image, item_name, anomaly_type, rng):
+        # always judged as the task's defect: naming another item or type cannot buy a score
         k = self._image(anomaly_image)
-        entry = self.box.entry(self.task, item_name, anomaly_type)
+        entry = self.box.entry(self.task)
         result = self.box.judge.evaluate(self.images[0], self.images[k - 1], self.task.kind, entry)
         self.scores[k] = result["score"]
         return {"image_index": k, **result}, []
@@ -1329,7 +1358,8 @@ def episode_stats(records) -> dict:
 def format_stats(s) -> str:
     return (f"{s['samples']} episodes | completed (answer after mask) {s['completed']:.0%} | well-formed "
             f"turns {s['well_formed_turns']:.0%} | 2+ attempts {s['multi_attempt']:.0%} (final beats first "
-            f"in {s['improved_when_refined']:.0%}) | mean final QE {s['mean_final_score'] or 0:.2f} | "
+            f"in {s['improved_when_refined']:.0%}) | mean final QE "
+            f"{'n/a' if s['mean_final_score'] is None else format(s['mean_final_score'], '.2f')} | "
             f"passed {s['passed']:.0%}")
 
 
@@ -1377,9 +1407,9 @@ class ExpertPolicy:
         return [self.next_turn(messages) for messages in conversations]
 
     def next_turn(self, messages) -> str:
-        tools = system_tools(messages)
+        available = system_tools(messages)
         m = re.search(r"Item: (.*?)\. Anomaly type: (.*?)\. Image size: (\d+)x", message_text(messages[1]))
-        item, kind, side = m.group(1), m.group(2), int(m.group(3))
+        item, defect, side = m.group(1), m.group(2), int(m.group(3))
         history = []   # (tool name, arguments, result) of every call so far
         for msg, reply in zip(messages[2::2], messages[3::2]):
             turn = parse_turn(msg["content"])
@@ -1392,34 +1422,36 @@ class ExpertPolicy:
         last = history[-1] if history else None
 
         if last is None:
-            if "prompt_gen" in tools:
+            if "prompt_gen" in available:
                 return format_call(
-                    f"Image 1 is a normal {item}. To put a realistic {kind} on it I first need a "
+                    f"Image 1 is a normal {item}. To put a realistic {defect} on it I first need a "
                     "precise local-edit prompt that names the part, shape, colour and size, so I "
-                    "call prompt_gen.", "prompt_gen", {"image": 1, "item_name": item, "anomaly_type": kind})
-            return self._generate(item, kind, side, None, [], rng, "There is no prompt tool, so I "
+                    "call prompt_gen.", "prompt_gen", {"image": 1, "item_name": item, "anomaly_type": defect})
+            return self._generate(item, defect, side, None, [], rng, "There is no prompt tool, so I "
                                   "write the edit prompt myself from what I know of this defect.")
         name, args, result = last
+        if "error" in result and name == "knowledge_retrieval":
+            return self._refine(item, defect, side, None, history, rng)
         if "error" in result:
             if sum("error" in r for _, _, r in history) > 2 or not attempts:
-                return self._generate(item, kind, side, knowledge, [], rng,
+                return self._generate(item, defect, side, knowledge, [], rng,
                                       f"The last call failed ({result['error']}). I write a "
                                       "complete prompt myself and generate again.")
-            return self._finish(tools, attempts, scores, rng, note=f"The last call failed "
+            return self._finish(available, attempts, scores, rng, note=f"The last call failed "
                                 f"({result['error']}), so I stop refining and keep what I have.")
         if name == "prompt_gen":
             return format_call(
                 f"prompt_gen wrote: \"{result['prompt']}\" It names the part and the look of the "
-                f"{kind}. I edit the original image (image 1) with it.",
+                f"{defect}. I edit the original image (image 1) with it.",
                 "image_gen", {"prompt": result["prompt"], "target_image": 1})
         if name == "image_gen":
             k = result["image_index"]
-            if "quality_eval" in tools:
+            if "quality_eval" in available:
                 return format_call(
                     f"Image {k} is attempt {len(attempts)}. Before I accept it I need an independent "
                     "judgement of where the defect sits and how real it looks, so I call quality_eval.",
-                    "quality_eval", {"anomaly_image": k, "item_name": item, "anomaly_type": kind})
-            return self._finish(tools, attempts, scores, rng, note="There is no quality tool, so I "
+                    "quality_eval", {"anomaly_image": k, "item_name": item, "anomaly_type": defect})
+            return self._finish(available, attempts, scores, rng, note="There is no quality tool, so I "
                                 f"keep image {k}.")
         if name == "quality_eval":
             s, k = result["score"], result["image_index"]
@@ -1429,16 +1461,16 @@ class ExpertPolicy:
                        if s >= PASS_SCORE else
                        f"Image {k} scored {s:g}/10, below {PASS_SCORE:g}, and I have used all "
                        f"{self.max_attempts} attempts.")
-                return self._finish(tools, attempts, scores, rng, note=why)
-            if "knowledge_retrieval" in tools and knowledge is None:
+                return self._finish(available, attempts, scores, rng, note=why)
+            if "knowledge_retrieval" in available and knowledge is None:
                 return format_call(
                     f"Image {k} scored only {s:g}/10, below {PASS_SCORE:g}. The review says: "
-                    f"\"{result['review']}\" Before I rewrite the prompt I look up what a {kind} on "
+                    f"\"{result['review']}\" Before I rewrite the prompt I look up what a {defect} on "
                     f"a {item} really looks like, where it occurs and how large it is.",
-                    "knowledge_retrieval", {"item_name": item, "anomaly_type": kind})
-            return self._refine(item, kind, side, knowledge, history, rng)
+                    "knowledge_retrieval", {"item_name": item, "anomaly_type": defect})
+            return self._refine(item, defect, side, knowledge, history, rng)
         if name == "knowledge_retrieval":
-            return self._refine(item, kind, side, knowledge, history, rng)
+            return self._refine(item, defect, side, knowledge, history, rng)
         if name == "mask_gen":
             k = result["anomaly_image"]
             s = scores.get(k, {}).get("score")
@@ -1447,41 +1479,43 @@ class ExpertPolicy:
                 f"{100 * result['area_fraction']:.1f}% of the image. Image {k} and its mask are the "
                 "result.", {"status": "success" if s is None or s >= PASS_SCORE else "partial",
                             "final_image_index": k, "mask_generated": not result["empty"],
-                            "synthesis_logic": f"a {kind} on the {item}"
+                            "synthesis_logic": f"a {defect} on the {item}"
                                                + (f", judged {s:g}/10" if s is not None else "")
                                                + f" after {len(attempts)} attempt(s)"})
-        return self._finish(tools, attempts, scores, rng, note=f"Unexpected reply from {name}.")
+        return self._finish(available, attempts, scores, rng, note=f"Unexpected reply from {name}.")
 
-    def _finish(self, tools, attempts, scores, rng, note):
+    def _finish(self, available, attempts, scores, rng, note):
         # keep the best-judged attempt (the later one on a tie)
         best = max(attempts, key=lambda k: (scores.get(k, {}).get("score", -1), k))
         if len(attempts) > 1:
             note += f" Of my {len(attempts)} attempts, image {best} is the best."
-        if "mask_gen" in tools:
+        if "mask_gen" in available:
             return format_call(note + f" I now extract the mask of image {best} with mask_gen.",
                                "mask_gen", {"anomaly_image": best})
         return format_answer(note + " There is no mask tool, so I answer without one.",
                              {"status": "success", "final_image_index": best,
                               "mask_generated": False, "synthesis_logic": "best judged attempt"})
 
-    def _refine(self, item, kind, side, knowledge, history, rng):
+    def _refine(self, item, defect, side, knowledge, history, rng):
         """Rewrite the prompt from the last review and, when retrieved, the knowledge."""
         review = next(r["review"] for name, _, r in reversed(history) if name == "quality_eval")
         fixes = [s for s in re.split(r"(?<=\.)\s+", review) if ";" in s]
         reason = ("The review asks: " + " ".join(f'"{f}"' for f in fixes)) if fixes else \
                  f"The review says: \"{review}\""
-        return self._generate(item, kind, side, knowledge, fixes, rng, reason)
+        return self._generate(item, defect, side, knowledge, fixes, rng, reason)
 
-    def _generate(self, item, kind, side, knowledge, fixes, rng, reason):
-        a = dict(knowledge["attributes"]) if knowledge else guess_attributes(kind)
+    def _generate(self, item, defect, side, knowledge, fixes, rng, reason):
+        a = dict(knowledge["attributes"]) if knowledge else guess_attributes(defect)
         notes = []
         if knowledge:
-            notes.append(f"The knowledge base says a {kind} on a {item} is a {a['shape']} "
+            notes.append(f"The knowledge base says a {defect} on a {item} is a {a['shape']} "
                          f"{'of ' + a['colour'] + ' colour' if a['colour'] else a['tone']}, "
                          f"{a['extent'][0]:.0%}-{a['extent'][1]:.0%} of the image, at "
                          f"{a['part']}, with {a['edge']} edges.")
         size = round(float(np.mean(a["extent"])) * side * rng.uniform(0.85, 1.15))
-        for fix in fixes:   # the review outranks general knowledge
+        # the review outranks general knowledge; the phrases read here are MeasuredJudge's advice
+        # sentences (a language model would read any wording, a script reads these)
+        for fix in fixes:
             if m := re.search(r"make it about (\d+) px", fix):
                 size = int(m.group(1))
             if "outline of the object;" in fix:
@@ -1506,7 +1540,7 @@ class ExpertPolicy:
             a["where"], "")
         edges = "soft, blended edges" if a["edge"] == "soft" else "crisp edges"
         prompt = (f"Using the provided image, change only {a['part']} to introduce a "
-                  f"{kind}: a {looks} about {size} pixels {length}, clearly visible with high "
+                  f"{defect}: a {looks} about {size} pixels {length}, clearly visible with high "
                   f"contrast, with {edges}{place}. Keep the rest of the image unchanged.")
         thinking = " ".join([reason] + notes + [f"So I ask for a clearly visible {looks} of about "
                                                 f"{size} px with {edges}{place}, and edit image 1 again."])
@@ -1558,7 +1592,6 @@ class VLMPolicy:
     def load(cls, path, device="cpu", **kwargs):
         """A model folder (runs/sft, a local checkpoint) or a Hugging Face id, e.g.
         Qwen/Qwen3-VL-4B-Thinking. bf16 on GPU."""
-        import torch
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
         if Path(path).exists() and not (Path(path) / "config.json").is_file():
             raise UserError(f"--policy {path} is not a model: expected a folder with config.json "
@@ -1614,7 +1647,6 @@ class VLMPolicy:
     def encode(self, conversations, add_generation_prompt=False, pad_left=False):
         """A padded batch: input_ids, attention_mask, assistant_mask, mm_token_type_ids and the
         images' pixel_values and image_grid_thw."""
-        import torch
         rows, images = [], []
         for messages in conversations:
             imgs = conversation_images(messages, self.image_root)
@@ -1648,16 +1680,12 @@ class VLMPolicy:
     def token_logprobs(self, batch, temperature=1.0):
         """log p(token_t | tokens_<t) for t = 1..T-1 from temperature-scaled logits, and the mask of
         the tokens the policy wrote."""
-        import torch
         inputs = self._model_inputs(batch)
-        logits = self.model(**inputs).logits[:, :-1].float() / temperature
-        targets = inputs["input_ids"][:, 1:]
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+        logp = logprobs_from_logits(self.model(**inputs).logits, inputs["input_ids"], temperature)
         return logp, batch["assistant_mask"][:, 1:].to(logp.device).float()
 
     # -- acting ----------------------------------------------------------------------------------
     def act(self, conversations, greedy=False) -> list:
-        import torch
         batch = self.encode(conversations, add_generation_prompt=True, pad_left=True)
         inputs = self._model_inputs(batch)
         sampling = dict(do_sample=False) if greedy or self.temperature == 0 else \
@@ -1674,16 +1702,26 @@ class VLMPolicy:
         return replies
 
 
-def train_tokenizer(texts, vocab_size=4000):
+def logprobs_from_logits(logits, input_ids, temperature=1.0):
+    """Each next token's log-probability under the temperature-scaled distribution."""
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+def train_tokenizer(texts, vocab_size=4000, max_token_length=16):
     """A byte-level BPE tokenizer trained offline on the trajectory corpus, with ChatML's special
     tokens: what a tiny model needs to read and write tool calls compactly."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # merges may cross spaces (repeated phrases become few tokens, so sequences stay short), but
+    # not quotes: a JSON value such as an item name stays its own piece, easy to copy
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split('"', behavior="merged_with_previous"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, max_token_length=max_token_length,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
@@ -1691,7 +1729,6 @@ def train_tokenizer(texts, vocab_size=4000):
 def tiny_policy(texts, image_side=128, seed=0, **kwargs) -> VLMPolicy:
     """A small Qwen3-VL built from config (random init): 4 layers of width 256, a 2-layer vision
     tower, an image of image_side pixels seen as (image_side / 32)^2 tokens."""
-    import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     torch.manual_seed(seed)
@@ -1700,7 +1737,8 @@ def tiny_policy(texts, image_side=128, seed=0, **kwargs) -> VLMPolicy:
     config = Qwen3VLConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768,
                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=64, max_position_embeddings=8192,
+                         head_dim=64, max_position_embeddings=8192, bos_token_id=None,
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                           "mrope_section": [8, 12, 12], "mrope_interleaved": True}),
         vision_config=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2,
@@ -1722,6 +1760,5 @@ def load_policy(spec, seed=0, device="cpu", **kwargs):
     """--policy expert | a model folder (runs/sft) | a Hugging Face id."""
     if spec == "expert":
         return ExpertPolicy(seed=seed)
-    import torch
     torch.manual_seed(seed)
     return VLMPolicy.load(spec, device=device, **kwargs)

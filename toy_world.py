@@ -670,6 +670,10 @@ _DEFECTS = {
 }
 
 
+# one source of truth: every listed type has a renderer, and every renderer is listed
+assert set(_DEFECTS) == {(c, t) for c, spec in TOY_CATEGORIES.items() for t in spec["types"]}
+
+
 def render_anomaly(category: str, anomaly_type: str, image: np.ndarray, foreground: np.ndarray,
                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """-> (anomalous image HxWx3 uint8, mask HxW bool)"""

@@ -138,7 +138,7 @@ def visa(tmp_path):
 
 
 def test_visa_loader_reads_split_csv_and_image_anno(visa):
-    ds = tools.load_dataset("visa", visa, size=16)
+    ds = tools.load_dataset("visa", visa, size=32)
     assert ds.categories == ["candle"] and ds.train_categories == ["candle"]
     assert len(ds.train_good["candle"]) == 2 and len(ds.test_good["candle"]) == 1
     assert ds.types("candle") == ["chunk_of_wax_missing", "combined", "weird_candle_wick"]

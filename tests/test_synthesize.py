@@ -30,7 +30,7 @@ def test_default_run_covers_every_eval_type_with_complete_trajectories(default_r
     for cat in toy.eval_categories:
         for t in toy.types(cat):
             mine = [r for r in rs if (r["category"], r["anomaly_type"]) == (cat, t)]
-            assert len(mine) >= 5
+            assert len(mine) == 5
             for i in range(5):
                 assert (out / cat / t / "image" / f"{i:03d}.png").is_file()
                 assert (out / cat / t / "mask" / f"{i:03d}.png").is_file()
@@ -113,7 +113,10 @@ def test_seeds_and_tool_ablations(toy_root, tmp_path):
     b = run_script("synthesize.py", *base, "--out", tmp_path / "b", "--seed", "1")
     no_kr = run_script("synthesize.py", *base, "--out", tmp_path / "c", "--tools", "PG,IG,QE,MG")
     assert a.returncode == b.returncode == no_kr.returncode == 0
-    assert records(tmp_path / "a") != records(tmp_path / "b")
+    prompts = lambda out: [a["prompt"] for r in records(out) for a in r["attempts"]]
+    assert prompts(tmp_path / "a") != prompts(tmp_path / "b")
+    finals = lambda out: [tools.load_image(out / r["final_image"]) for r in records(out)]
+    assert not all(np.array_equal(x, y) for x, y in zip(finals(tmp_path / "a"), finals(tmp_path / "b")))
     assert all("knowledge_retrieval" not in r["tool_calls"] for r in records(tmp_path / "c"))
     bare = run_script("synthesize.py", *base, "--out", tmp_path / "d", "--tools", "IG")
     assert bare.returncode == 0
@@ -125,9 +128,12 @@ def test_seeds_and_tool_ablations(toy_root, tmp_path):
     (["--data", "mvtec"], "needs --data-root"),
     (["--data", "mvtec", "--data-root", "/nonexistent/mvtec"], "does not exist"),
     (["--categories", "spaceship"], "unknown category 'spaceship'"),
-    (["--categories", "wood", "--types", "melted"], "none of --types melted exists for wood"),
     (["--tools", "PG,XX"], "unknown tool 'XX'"),
-    (["--policy", "runs/sft"], "only 'expert' exists"),
+    (["--categories", "wood", "--types", "scratch,melted"], "no category of wood has the type 'melted'"),
+    (["--categories", ""], "--categories is empty"),
+    (["--per-type", "0"], "--per-type must be at least 1"),
+    (["--size", "16"], "--size must be at least 32"),
+    (["--policy", "tests"], "is not a model"),
 ])
 def test_bad_input_is_one_line(args, message, toy_root, tmp_path):
     root = [] if "--data" in args else ["--data-root", toy_root]
@@ -160,3 +166,10 @@ def test_unwritable_or_foreign_output_and_corrupt_images(toy_root, tmp_path):
     result = run_script("synthesize.py", "--data-root", broken, "--categories", "washer",
                         "--per-type", "1", "--out", tmp_path / "p")
     assert result.returncode != 0 and "cannot read image" in result.stderr and ".png" in result.stderr
+
+
+def test_repeated_categories_and_spaces_in_lists(toy_root, tmp_path):
+    result = run_script("synthesize.py", "--data-root", toy_root, "--out", tmp_path / "o",
+                        "--categories", "washer, washer", "--types", "crack, missing", "--per-type", "1")
+    assert result.returncode == 0, result.stderr
+    assert sorted(r["id"] for r in records(tmp_path / "o")) == ["washer/crack/000", "washer/missing/000"]

@@ -60,14 +60,31 @@ def test_knowledge_retrieval_names_the_known_keys_on_a_miss(toy):
 
 # ---- prompt generation ---------------------------------------------------------------------------
 
-def test_prompt_gen_writes_a_local_edit_prompt(toy, kb):
+def test_prompt_gen_writes_a_local_edit_prompt_the_painter_reads_right(kb):
+    painter, rng = tools.ProceduralPainter(), np.random.default_rng(0)
+    for name, dataset in kb.data.items():
+        for cat, spec in dataset.items():
+            for t in spec["types"]:
+                entry = kb.lookup(cat, t, name)
+                p = tools.OfflinePromptWriter().write(entry, rng)
+                assert p.startswith(f"Using the provided image, change only {entry['attributes']['part']}")
+                assert p.endswith("Keep the rest of the image unchanged.")
+                # the shape it asks for is the shape painted, whatever the type or part is called
+                assert painter.read(p, 128, rng).family == entry["attributes"]["shape"], (cat, t, p)
+
+
+def test_the_experts_rewritten_prompt_is_read_as_intended(toy):
+    box = tools.Toolbox()
     for cat in toy.categories:
         for t in toy.types(cat):
-            entry = kb.lookup(cat, t, "toy")
-            p = tools.OfflinePromptWriter().write(entry, np.random.default_rng(0))
-            assert p.startswith(f"Using the provided image, change only {entry['attributes']['part']}")
-            assert p.endswith("Keep the rest of the image unchanged.")
-            assert tools.guess_family(p) is not None    # the painter can read its shape
+            task = tools.Task(id="x", category=cat, anomaly_type=t, image=normal(toy, cat), kind=toy.kinds[cat])
+            entry = box.entry(task)
+            reply = tools.ExpertPolicy()._generate(cat, t, 128, {"attributes": entry["attributes"]}, [],
+                                                   np.random.default_rng(0), "")
+            prompt = tools.parse_turn(reply).call["arguments"]["prompt"]
+            spec = box.painter.read(prompt, 128, np.random.default_rng(0))
+            assert spec.family == entry["attributes"]["shape"] or (spec.family, toy.kinds[cat]) == ("notch", "texture")
+            assert spec.strength > 0.75 and spec.soft == (entry["attributes"]["edge"] == "soft" and spec.family != "notch")
 
 
 # ---- image generation: measurements of what the painter makes ------------------------------------
@@ -142,9 +159,9 @@ def test_painter_paints_only_on_the_object_and_inside_the_region(toy):
     for seed in range(6):
         out = paint(img, "a large dark brown irregular blob stain", "object", seed)
         assert (change(img, out) <= fg).all()
-    out = paint(img, "a dark brown stain", "object", 0, region=[30, 30, 60, 60])
-    ys, xs = np.nonzero(change(img, out))
-    assert ys.min() >= 30 and ys.max() < 60 and xs.min() >= 30 and xs.max() < 60
+    out = paint(img, "a dark brown stain", "object", 0, region=[20, 40, 50, 60])   # x0, y0, x1, y1
+    ys, xs = np.nonzero(tools.change_map(img, out) > 0)
+    assert ys.min() >= 40 and ys.max() < 60 and xs.min() >= 20 and xs.max() < 50
 
 
 def test_samples_of_one_prompt_differ_in_place_shape_and_size(toy):
@@ -231,3 +248,32 @@ def test_mask_gen_reports_an_empty_mask(toy):
     session.sources.append("generated")
     result, images = session.call("mask_gen", {"anomaly_image": 2})
     assert result["empty"] and "no change" in result["message"] and not images[0].any()
+
+
+def test_hostile_prompts_and_arguments_are_bounded(toy):
+    """A policy can ask for anything: the tools answer fast, with an image or a tool error."""
+    import time
+    task = tools.Task(id="x", category="wood", anomaly_type="scratch", image=normal(toy, "wood"), kind="texture")
+    session = tools.Toolbox().session(task)
+    for prompt in ["a jagged crack about 100000000 pixels long", "a dark hole about 10000000 pixels across",
+                   "a thick scratch 99999999999 px wide and 1e9 pixels long"]:
+        start = time.time()
+        session.call("image_gen", {"prompt": prompt, "target_image": 1})
+        assert time.time() - start < 5
+    for region in [[0, 0, float("inf"), 5], ["a", 1, 2, 3], [200, 200, 300, 300]]:
+        with pytest.raises(tools.ToolError, match="region"):
+            session.call("image_gen", {"prompt": "a dark stain", "target_image": 1, "region": region})
+
+
+def test_judge_scores_are_finite_and_ignore_the_named_type(toy, kb):
+    img = normal(toy, "wood")
+    hairline = img.copy()
+    hairline[np.arange(20, 60), np.arange(20, 60)] = 255
+    r = judge(img, hairline, "texture", kb, "wood", "stain")
+    assert np.isfinite([r["score"], r["location_score"], r["quality_score"]]).all()
+    task = tools.Task(id="x", category="wood", anomaly_type="stain", image=img, kind="texture", dataset="toy")
+    session = tools.Toolbox().session(task)
+    session.call("image_gen", {"prompt": "a clearly visible dark round hole about 12 pixels across", "target_image": 1})
+    as_stain, _ = session.call("quality_eval", {"anomaly_image": 2, "item_name": "wood", "anomaly_type": "stain"})
+    as_hole, _ = session.call("quality_eval", {"anomaly_image": 2, "item_name": "wood", "anomaly_type": "hole"})
+    assert as_hole["score"] == as_stain["score"]    # calling it a hole does not buy a hole's score

@@ -1,0 +1,178 @@
+"""sft.py and the policy wrapper: the loss mask, LoRA and full training, save/load, resume, and
+the real-model path with tiny random Qwen3-VL and Qwen2.5-VL models built from config."""
+import json
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import tools
+from conftest import ROOT, run_script
+
+CONVERSATION = [
+    {"role": "system", "content": "You are a test."},
+    {"role": "user", "content": [{"type": "image", "image": np.full((64, 64, 3), 90, np.uint8)},
+                                 {"type": "text", "text": "Item: nut. Anomaly type: scratch."}]},
+    {"role": "assistant", "content": '<thinking>call</thinking>\n<tool_call>{"name": "mask_gen", '
+                                     '"arguments": {"anomaly_image": 2}}</tool_call>'},
+    {"role": "tool", "name": "mask_gen", "content": [{"type": "text", "text": '{"mask_index": 3}'},
+                                                      {"type": "image", "image": np.zeros((64, 64), np.uint8)}]},
+    {"role": "assistant", "content": '<thinking>done</thinking>\n<answer>{"final_image_index": 2}</answer>'},
+]
+
+
+@pytest.fixture(scope="module")
+def policy():
+    texts = [tools.message_text(m) for m in CONVERSATION] * 20
+    return tools.tiny_policy(texts, image_side=64, max_new_tokens=8)
+
+
+def test_only_assistant_tokens_are_trained(policy):
+    batch = policy.encode([CONVERSATION])
+    text = policy.tokenizer.decode(batch["input_ids"][0][batch["assistant_mask"][0] == 1])
+    assert text == "".join(m["content"] + "<|im_end|>" for m in CONVERSATION if m["role"] == "assistant")
+    inputs = policy._model_inputs(batch)
+    logits = policy.model(**inputs).logits
+    logits.retain_grad()
+    logp = tools.logprobs_from_logits(logits, inputs["input_ids"])
+    mask = batch["assistant_mask"][:, 1:].float()
+    (-(logp * mask).sum() / mask.sum()).backward()
+    grad = logits.grad[0, :-1].abs().sum(-1)        # position t predicts token t + 1
+    assert (grad[mask[0] == 0] == 0).all()          # context tokens: no gradient at all
+    assert (grad[mask[0] == 1] > 0).all()
+
+
+def test_images_become_image_tokens_and_batches_pad_on_either_side(policy):
+    short = CONVERSATION[:3]
+    right = policy.encode([CONVERSATION, short])
+    left = policy.encode([CONVERSATION, short], pad_left=True)
+    n_pad = int((right["input_ids"][0] == policy.ids["<|image_pad|>"]).sum())
+    assert n_pad == 2 * 4                            # two 64-px images, 16-px patches merged 2x2
+    assert right["pixel_values"].shape[0] == 3 * 16   # 3 images of 4x4 patches
+    assert right["attention_mask"][1, 0] == 1 and left["attention_mask"][1, -1] == 1
+    assert left["attention_mask"][1, 0] == 0
+
+
+def test_act_returns_one_reply_per_conversation(policy):
+    replies = policy.act([CONVERSATION[:2], CONVERSATION[:4]])
+    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+
+
+def test_save_and_load_round_trip(policy, tmp_path):
+    policy.save(tmp_path / "m")
+    again = tools.VLMPolicy.load(tmp_path / "m")
+    batch = policy.encode([CONVERSATION])
+    with torch.no_grad():
+        a, _ = policy.token_logprobs(batch)
+        b, _ = again.token_logprobs(again.encode([CONVERSATION]))
+    assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(tools.UserError, match="is not a model"):
+        tools.VLMPolicy.load(tmp_path)
+
+
+# ---- the real architectures, tiny and random ---------------------------------------------------
+
+def tiny_real_model(path, arch):
+    """A Qwen3-VL or Qwen2.5-VL built from config with random weights, saved like a hub model."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig,
+                              Qwen3VLForConditionalGeneration)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    tokenizer = tools.train_tokenizer([tools.message_text(m) for m in CONVERSATION] * 5, vocab_size=500)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tools.SPECIAL_TOKENS}
+    special = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    if arch == "qwen3_vl":
+        config = Qwen3VLConfig(
+            text_config=dict(text, head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                                  "mrope_section": [4, 6, 6], "mrope_interleaved": True}),
+            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                               patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[1]), **special)
+        model, patch = Qwen3VLForConditionalGeneration(config), 16
+    else:
+        config = Qwen2_5_VLConfig(
+            text_config=dict(text, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]}),
+            vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                               patch_size=14, fullatt_block_indexes=[0], window_size=56), **special)
+        model, patch = Qwen2_5_VLForConditionalGeneration(config), 14
+    processor = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, min_pixels=(4 * patch) ** 2,
+                                         max_pixels=(4 * patch) ** 2)
+    tools.VLMPolicy(model, tokenizer, processor).save(path)
+    return path
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
+def test_real_model_path_loads_acts_and_trains(arch, tmp_path):
+    path = tiny_real_model(tmp_path / arch, arch)
+    policy = tools.load_policy(str(path), max_new_tokens=6)
+    assert len(policy.act([CONVERSATION[:2]])) == 1
+    logp, mask = policy.token_logprobs(policy.encode([CONVERSATION]))
+    assert torch.isfinite(logp).all() and mask.sum() > 0
+
+
+# ---- sft.py end to end -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trajectories(toy_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft") / "traj"
+    result = run_script("build_trajectories.py", "--data-root", toy_root, "--out", out, "--limit", "12")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def sft_args(trajectories, toy_root, out, *extra):
+    return ["--trajectories", trajectories, "--data-root", toy_root, "--out", out, "--batch-size", "2",
+            "--micro-batch", "2", "--eval-every", "2", "--rollouts", "1", "--max-turns", "2", *extra]
+
+
+def test_sft_smoke_full_and_lora(trajectories, toy_root, tmp_path):
+    for mode in ("off", "on"):
+        out = tmp_path / mode
+        result = run_script("sft.py", *sft_args(trajectories, toy_root, out, "--epochs", "0.4", "--lora", mode))
+        assert result.returncode == 0, result.stderr
+        assert ("(LoRA)" in result.stdout) == (mode == "on")
+        assert "Rollout evaluation" in result.stdout and "well-formed turns" in result.stdout
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert metrics[0]["step"] == 0 and "val_loss" in metrics[-1]
+        policy = tools.VLMPolicy.load(out)    # a plain model, LoRA merged in
+        assert not any("lora" in n for n, _ in policy.model.named_parameters())
+    result = run_script("synthesize.py", "--policy", tmp_path / "on", "--data-root", toy_root, "--out",
+                        tmp_path / "synth", "--categories", "washer", "--types", "crack", "--per-type", "1",
+                        "--max-turns", "2")
+    assert result.returncode == 0, result.stderr
+    assert "well-formed turns" in result.stdout
+
+
+def test_sft_resume_continues_after_a_kill(trajectories, toy_root, tmp_path):
+    out = tmp_path / "run"
+    args = sft_args(trajectories, toy_root, out, "--epochs", "1.2", "--save-every", "2", "--rollouts", "1")
+    process = subprocess.Popen([sys.executable, str(ROOT / "sft.py"), *map(str, args)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint" / "training_state.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    process.kill()
+    process.wait()
+    saved = torch.load(out / "checkpoint" / "training_state.pt", weights_only=False)["step"]
+    result = run_script("sft.py", *args, "--resume")
+    assert result.returncode == 0, result.stderr
+    total = int(re.search(rf"resuming from step {saved} of (\d+)", result.stdout).group(1))
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == total > saved and set(range(1, total + 1)) <= set(steps)   # nothing lost
+
+
+def test_sft_bad_input(tmp_path, trajectories, toy_root):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "train.jsonl").write_text("")
+    for args, message in [(["--trajectories", tmp_path / "empty"], "holds no trajectories"),
+                          (["--trajectories", tmp_path / "none"], "run build_trajectories.py first"),
+                          (["--trajectories", trajectories, "--policy", tmp_path], "is not a model")]:
+        result = run_script("sft.py", *args, "--out", tmp_path / "o")
+        assert result.returncode != 0 and message in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
