@@ -22,6 +22,7 @@ import json
 import math
 import random
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -149,7 +150,6 @@ def save_checkpoint(out, policy, optimizer, scheduler, step, use_lora):
         old = out / "checkpoint.old"
         final.rename(old)
         tmp.rename(final)
-        import shutil
         shutil.rmtree(old)
     else:
         tmp.rename(final)
@@ -160,13 +160,11 @@ def rollout_evaluation(policy, args):
     dataset = tools.load_dataset(args.data, args.data_root, args.size)
     plan = tools.plan_tasks(dataset, per_type=args.rollouts, seed=args.seed)
     policy.model.eval()
-    act = policy.act
-    policy.act = lambda conversations: act(conversations, greedy=True)
+    policy.temperature = 0.0   # greedy: the policy's best guess at every turn
     records = []
     for i in tqdm(range(0, len(plan), 16), desc="rollout evaluation"):
         tasks = [tools.make_task(dataset, t) for t in plan[i:i + 16]]
         records += tools.run_episodes(policy, tasks, tools.Toolbox(), args.max_turns)
-    policy.act = act
     return tools.episode_stats(records)
 
 

@@ -48,7 +48,7 @@ def get_args(argv=None):
     data.add_argument("--per-type", type=int, default=5, help="samples per (category, type)")
     agent = p.add_argument_group("agent")
     agent.add_argument("--policy", default="expert", help="expert (scripted), a trained model folder (runs/sft) or a Hugging Face id")
-    agent.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of a model policy (0: greedy)")
+    agent.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of a model policy (0: greedy)")
     agent.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where a model policy runs")
     agent.add_argument("--tools", default="PG,IG,QE,KR,MG", help="tools the agent may call (ablations)")
     agent.add_argument("--max-turns", type=int, default=10, help="turns per episode (paper: 10)")

@@ -1685,10 +1685,10 @@ class VLMPolicy:
         return logp, batch["assistant_mask"][:, 1:].to(logp.device).float()
 
     # -- acting ----------------------------------------------------------------------------------
-    def act(self, conversations, greedy=False) -> list:
+    def act(self, conversations) -> list:
         batch = self.encode(conversations, add_generation_prompt=True, pad_left=True)
         inputs = self._model_inputs(batch)
-        sampling = dict(do_sample=False) if greedy or self.temperature == 0 else \
+        sampling = dict(do_sample=False) if self.temperature == 0 else \
             dict(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0)
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens,
