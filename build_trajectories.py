@@ -204,22 +204,6 @@ def build_one(toolbox, task, anomaly_image, mask, n_attempts, use_kr, rng):
     return messages, session.images, len(attempts)
 
 
-def save_trajectory(record_id, messages, images, out):
-    """Write the images and replace them in the messages by paths relative to OUT."""
-    paths = {}
-    for k, image in enumerate(images, 1):
-        paths[id(image)] = f"images/{record_id}/{k}.png"
-        tools.save_png(image, out / paths[id(image)])
-    ordered = []
-    for m in messages:
-        if isinstance(m["content"], list):
-            for part in m["content"]:
-                if part["type"] == "image":
-                    part["image"] = paths[id(part["image"])]
-                    ordered.append(part["image"])
-    return ordered
-
-
 def main(argv=None):
     args = get_args(argv)
     if not 1 <= args.n_max <= 5:
@@ -253,7 +237,7 @@ def main(argv=None):
             continue
         messages, images, n = built
         split = "val" if tools.stable_seed("split", record_id) % 1000 < 1000 * args.val_fraction else "train"
-        paths = save_trajectory(record_id, messages, images, out)
+        paths = tools.save_episode_images(messages, images, out, f"images/{record_id}")
         splits[split].append({"id": record_id, "category": a.category, "anomaly_type": a.anomaly_type,
                               "n_attempts": n, "messages": messages, "images": paths,
                               "tools": toolbox.specs()})

@@ -108,10 +108,6 @@ def save_record(record, out, toolbox) -> dict:
     """Write the episode's images and return its JSON record, images replaced by relative paths."""
     cat, t, i = record["id"].split("/")
     base = Path(cat) / t
-    paths = {}
-    for k, image in enumerate(record["images"], 1):
-        paths[id(image)] = str(base / "steps" / i / f"{k}.png")
-        tools.save_png(image, out / paths[id(image)])
     final, mask_index = record["final_image_index"], record["mask_index"]
     record["final_image"] = record["mask"] = None
     if final is not None:
@@ -123,11 +119,8 @@ def save_record(record, out, toolbox) -> dict:
             mask = toolbox.segmenter.segment(record["images"][0], record["images"][final - 1])
         record["mask"] = str(base / "mask" / f"{i}.png")
         tools.save_png(mask, out / record["mask"])
-    for message in record["messages"]:
-        if isinstance(message["content"], list):
-            message["content"] = [{"type": "image", "image": paths[id(part["image"])]}
-                                  if part["type"] == "image" else part for part in message["content"]]
-    record["step_images"] = [paths[id(im)] for im in record.pop("images")]
+    record["step_images"] = tools.save_episode_images(record["messages"], record.pop("images"), out,
+                                                      base / "steps" / i)
     return record
 
 

@@ -1076,6 +1076,9 @@ class ToolSession:
         return getattr(self, name)(rng=rng, **{k: v for k, v in args.items()
                                                  if k in TOOL_SCHEMAS[name]["parameters"]})
 
+    def is_generated(self, k) -> bool:
+        return isinstance(k, int) and 1 <= k <= len(self.images) and self.sources[k - 1] == "generated"
+
     def _image(self, index, want="generated") -> int:
         try:
             k = int(index)
@@ -1284,7 +1287,7 @@ class Episode:
         elif turn.action == "answer":
             self.answer, self.stop_reason = turn.answer, "answer"
             k = turn.answer["final_image_index"]
-            if not (1 <= k <= len(self.session.images) and self.session.sources[k - 1] == "generated"):
+            if not self.session.is_generated(k):
                 info.update(format_ok=False, error=f"answer names image {k}, not a generated image")
         elif turn.action == "malformed":
             self.messages.append(observation("error", {"error": turn.error}))
@@ -1311,7 +1314,7 @@ class Episode:
         attempts = [{"image_index": k, "prompt": s.prompts[k], "score": s.scores.get(k)}
                     for k in sorted(s.prompts)]
         final = self.answer["final_image_index"] if self.answer else None
-        if final is not None and not (1 <= final <= len(s.images) and s.sources[final - 1] == "generated"):
+        if final is not None and not s.is_generated(final):
             final = None
         mask_index = None
         for t in self.turns:
@@ -1332,6 +1335,20 @@ class Episode:
             "format_valid": bool(self.turns) and all(t["format_ok"] for t in self.turns),
             "images": s.images,
         }
+
+
+def save_episode_images(messages, images, out, folder) -> list:
+    """Write an episode's images as OUT/folder/<k>.png (k = the agent's numbering) and put their
+    relative paths in the messages in place of the arrays; returns the paths by image number."""
+    paths = {}
+    for k, image in enumerate(images, 1):
+        paths[id(image)] = f"{folder}/{k}.png"   # messages hold the very arrays the session made
+        save_png(image, Path(out) / paths[id(image)])
+    for message in messages:
+        for part in message["content"] if isinstance(message["content"], list) else []:
+            if part["type"] == "image":
+                part["image"] = paths[id(part["image"])]
+    return [paths[id(image)] for image in images]
 
 
 def episode_stats(records) -> dict:
