@@ -14,11 +14,10 @@ The offline backends need no downloaded weights and run on a laptop CPU. They ar
 the change it sees, so every decision the agent makes has a visible, checkable consequence.
 """
 import json
-import math
 import re
 import shutil
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -1058,7 +1057,7 @@ class ToolSession:
         self.sources = ["normal"]          # normal | generated | mask, per image
         self.prompts = {}                  # image index -> the prompt that made it
         self.scores = {}                   # image index -> last QE result
-        self.calls = 0
+        self.calls, self.rng = 0, None     # the rng of the call in progress
 
     def call(self, name, args):
         if name not in TOOL_SCHEMAS:
@@ -1072,9 +1071,8 @@ class ToolSession:
         if missing:
             raise CallError(f"{name} is missing the argument(s) {', '.join(missing)}")
         self.calls += 1
-        rng = np.random.default_rng([self.task.seed, self.calls])
-        return getattr(self, name)(rng=rng, **{k: v for k, v in args.items()
-                                                 if k in TOOL_SCHEMAS[name]["parameters"]})
+        self.rng = np.random.default_rng([self.task.seed, self.calls])   # each call its own draw
+        return getattr(self, name)(**{k: v for k, v in args.items() if k in TOOL_SCHEMAS[name]["parameters"]})
 
     def is_generated(self, k) -> bool:
         return isinstance(k, int) and 1 <= k <= len(self.images) and self.sources[k - 1] == "generated"
@@ -1090,18 +1088,18 @@ class ToolSession:
             raise ToolError(f"image {k} is the {self.sources[k - 1]} image, not a generated anomaly")
         return k
 
-    def prompt_gen(self, image, item_name, anomaly_type, rng):
+    def prompt_gen(self, image, item_name, anomaly_type):
         self._image(image, want="any")
         entry = self.box.entry(self.task, item_name, anomaly_type)
-        return {"prompt": self.box.prompt_writer.write(entry, rng)}, []
+        return {"prompt": self.box.prompt_writer.write(entry, self.rng)}, []
 
-    def image_gen(self, prompt, target_image, rng, region=None):
+    def image_gen(self, prompt, target_image, region=None):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ToolError("prompt must be a non-empty string")
         k = self._image(target_image, want="any")
         if self.sources[k - 1] == "mask":
             raise ToolError(f"image {k} is a mask; edit image 1, the original")
-        return self.add_generated(self.box.painter.edit(self.images[k - 1], prompt, self.task.kind, rng, region),
+        return self.add_generated(self.box.painter.edit(self.images[k - 1], prompt, self.task.kind, self.rng, region),
                                   prompt)
 
     def add_generated(self, image, prompt):
@@ -1112,7 +1110,7 @@ class ToolSession:
         self.prompts[len(self.images)] = prompt
         return {"image_index": len(self.images)}, [image]
 
-    def quality_eval(self, anomaly_image, item_name, anomaly_type, rng):
+    def quality_eval(self, anomaly_image, item_name, anomaly_type):
         # always judged as the task's defect: naming another item or type cannot buy a score
         k = self._image(anomaly_image)
         entry = self.box.entry(self.task)
@@ -1120,7 +1118,7 @@ class ToolSession:
         self.scores[k] = result["score"]
         return {"image_index": k, **result}, []
 
-    def knowledge_retrieval(self, item_name, anomaly_type, rng):
+    def knowledge_retrieval(self, item_name, anomaly_type):
         kb = self.box.knowledge
         try:
             entry = kb.lookup(item_name, anomaly_type, self.task.dataset)
@@ -1129,7 +1127,7 @@ class ToolSession:
         except KnowledgeError as e:
             raise ToolError(str(e)) from None
 
-    def mask_gen(self, anomaly_image, rng):
+    def mask_gen(self, anomaly_image):
         k = self._image(anomaly_image)
         mask = self.box.segmenter.segment(self.images[0], self.images[k - 1])
         self.images.append(mask.astype(np.uint8) * 255)   # a grey image, like any picture the policy sees
@@ -1454,7 +1452,7 @@ class ExpertPolicy:
                 return self._generate(item, defect, side, knowledge, [], rng,
                                       f"The last call failed ({result['error']}). I write a "
                                       "complete prompt myself and generate again.")
-            return self._finish(available, attempts, scores, rng, note=f"The last call failed "
+            return self._finish(available, attempts, scores, note=f"The last call failed "
                                 f"({result['error']}), so I stop refining and keep what I have.")
         if name == "prompt_gen":
             return format_call(
@@ -1468,7 +1466,7 @@ class ExpertPolicy:
                     f"Image {k} is attempt {len(attempts)}. Before I accept it I need an independent "
                     "judgement of where the defect sits and how real it looks, so I call quality_eval.",
                     "quality_eval", {"anomaly_image": k, "item_name": item, "anomaly_type": defect})
-            return self._finish(available, attempts, scores, rng, note="There is no quality tool, so I "
+            return self._finish(available, attempts, scores, note="There is no quality tool, so I "
                                 f"keep image {k}.")
         if name == "quality_eval":
             s, k = result["score"], result["image_index"]
@@ -1478,7 +1476,7 @@ class ExpertPolicy:
                        if s >= PASS_SCORE else
                        f"Image {k} scored {s:g}/10, below {PASS_SCORE:g}, and I have used all "
                        f"{self.max_attempts} attempts.")
-                return self._finish(available, attempts, scores, rng, note=why)
+                return self._finish(available, attempts, scores, note=why)
             if "knowledge_retrieval" in available and knowledge is None:
                 return format_call(
                     f"Image {k} scored only {s:g}/10, below {PASS_SCORE:g}. The review says: "
@@ -1499,9 +1497,9 @@ class ExpertPolicy:
                             "synthesis_logic": f"a {defect} on the {item}"
                                                + (f", judged {s:g}/10" if s is not None else "")
                                                + f" after {len(attempts)} attempt(s)"})
-        return self._finish(available, attempts, scores, rng, note=f"Unexpected reply from {name}.")
+        return self._finish(available, attempts, scores, note=f"Unexpected reply from {name}.")
 
-    def _finish(self, available, attempts, scores, rng, note):
+    def _finish(self, available, attempts, scores, note):
         # keep the best-judged attempt (the later one on a tie)
         best = max(attempts, key=lambda k: (scores.get(k, {}).get("score", -1), k))
         if len(attempts) > 1:
