@@ -1,9 +1,417 @@
 """
-rl.py -- hand-written multi-turn GRPO with the three rewards (METHOD.md sections 5-6).
+rl.py -- multi-turn GRPO with the three rewards (METHOD.md sections 5-6), written by hand.
 
-Not built yet: this stage arrives with issue #4 (GRPO and rewards).
+    python build_trajectories.py && python sft.py && python rl.py     # toy world, tiny policy
+    python rl.py --beta 0 --gamma 0 --out runs/rl-task-only           # ablation: task reward only
+    python rl.py --tools PG,IG,QE,MG --out runs/rl-no-kr              # ablation: no knowledge tool
+    python rl.py --data visa --data-root /data/VisA --policy runs/sft-visa --lora on   # paper setting
+
+Each step:
+1. rollout: --prompts-per-step prompts (a normal image of a training-group category and an anomaly
+   type), each played --group-size times at --temperature against the real tools, all live episodes
+   answered by one batched policy call per turn (tools.run_episodes);
+2. rewards: R = alpha * R_task + beta * R_ref + gamma * R_beh per trajectory (rewards.py);
+3. advantages: normalized within each prompt's group; groups whose rewards are all equal carry no
+   signal and are dropped;
+4. update: the step's kept trajectories form the replay buffer; --ppo-epochs passes over it in
+   mini-batches, each an AdamW step on the clipped surrogate minus the k3 KL to the frozen SFT
+   policy, a token mean over the tokens the policy wrote.
+Every --eval-every steps (and before the first) greedy episodes on held-out prompts (the training
+categories' test normal images, never RL prompts) give the held-out mean reward and final QE score. OUT gets metrics.jsonl (one line per
+step), reward_curve.png, run_config.json, checkpoint.pt (every --save-every steps; --resume
+continues from it) and, at the end, the model (--policy OUT in synthesize.py) and summary.json.
+
+Simplifies: the policy's replies are stored as text and re-tokenized for training, so a turn is
+scored in the tokenizer's canonical split of the text the policy sampled; the old log-probs are
+recomputed by a forward pass at the start of the update, not kept from sampling.
 """
+import argparse
+import copy
+import json
+import math
+import os
+import random
 import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import rewards
+import tools
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default="toy", help="toy, mvtec or visa: prompts come from its training group")
+    data.add_argument("--data-root", default=None, help="its folder")
+    data.add_argument("--size", type=int, default=None, help="image side in pixels (toy 128, real 256)")
+    model = p.add_argument_group("model")
+    model.add_argument("--policy", default="runs/sft", help="the SFT model to start from (also the frozen KL reference)")
+    model.add_argument("--lora", default="auto", choices=["auto", "on", "off"], help="LoRA adapters (auto: models over 1B)")
+    model.add_argument("--lora-rank", type=int, default=16, help="LoRA rank")
+    model.add_argument("--max-new-tokens", type=int, default=384, help="longest assistant turn")
+    rollout = p.add_argument_group("rollout")
+    rollout.add_argument("--group-size", type=int, default=8, help="episodes per prompt, G (paper: 8)")
+    rollout.add_argument("--prompts-per-step", type=int, default=2, help="prompts per step (paper: 16, a buffer of 128)")
+    rollout.add_argument("--temperature", type=float, default=None,
+                         help="sampling temperature (default: the paper's 1.0; models under 100M: 0.7, see README)")
+    rollout.add_argument("--max-turns", type=int, default=10, help="turns per episode")
+    rollout.add_argument("--tools", default="PG,IG,QE,KR,MG", help="tools the agent may call (ablations)")
+    reward = p.add_argument_group("rewards (METHOD.md 6)")
+    reward.add_argument("--alpha", type=float, default=rewards.ALPHA, help="weight of R_task")
+    reward.add_argument("--beta", type=float, default=rewards.BETA, help="weight of R_ref")
+    reward.add_argument("--gamma", type=float, default=rewards.GAMMA, help="weight of R_beh")
+    reward.add_argument("--phi-invalid", type=float, default=rewards.PHI_INVALID, help="Phi of an invalid step")
+    reward.add_argument("--lambda-kr", type=float, default=rewards.LAMBDA_KR, help="bonus for KR right after a failed QE")
+    reward.add_argument("--lambda-t", type=float, default=rewards.LAMBDA_T, help="penalty per turn beyond --t-max")
+    reward.add_argument("--t-max", type=int, default=rewards.T_MAX, help="turns without penalty")
+    optim = p.add_argument_group("optimization")
+    optim.add_argument("--steps", type=int, default=12, help="GRPO steps (rollout + update)")
+    optim.add_argument("--lr", type=float, default=None,
+                       help="AdamW learning rate (default: 1e-6 full, 1e-5 LoRA; models under 100M: 1e-4)")
+    optim.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range of rho")
+    optim.add_argument("--kl-coef", type=float, default=0.04, help="weight of the k3 KL to the SFT policy")
+    optim.add_argument("--ppo-epochs", type=int, default=2, help="passes over each replay buffer (paper: 2)")
+    optim.add_argument("--minibatch", type=int, default=8, help="trajectories per optimizer step")
+    optim.add_argument("--micro-batch", type=int, default=4, help="trajectories per forward pass")
+    optim.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip")
+    run = p.add_argument_group("run")
+    run.add_argument("--out", default="runs/rl", help="output folder")
+    run.add_argument("--eval-every", type=int, default=6, help="steps between held-out evaluations (0: only at the end)")
+    run.add_argument("--eval-per-type", type=int, default=2, help="held-out episodes per (training category, type), on test normal images")
+    run.add_argument("--save-every", type=int, default=1, help="steps between checkpoints")
+    run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    run.add_argument("--seed", type=int, default=0, help="seed of prompts, sampling and tools")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    return p.parse_args(argv)
+
+
+# ---- the policy and its frozen reference --------------------------------------------------------
+
+def load_models(args):
+    """The policy to train (vision tower frozen, its projector trained, LoRA on request) and a way
+    to run the frozen SFT policy for the KL term."""
+    if not Path(args.policy).exists() and args.policy.startswith(("runs/", "./", "/")):
+        raise tools.UserError(f"--policy {args.policy}: no SFT model there; run sft.py first")
+    policy = tools.load_policy(args.policy, seed=args.seed, device=args.device, max_new_tokens=args.max_new_tokens)
+    n_params = sum(p.numel() for p in policy.model.parameters())
+    small = n_params < 1e8   # the tiny policy: its sampling at 1.0 breaks too many turns to learn from
+    if args.temperature is None:
+        args.temperature = 0.7 if small else 1.0
+    policy.temperature = args.temperature
+    for name, param in policy.model.named_parameters():
+        param.requires_grad = "visual" not in name or "merger" in name
+    use_lora = args.lora == "on" or (args.lora == "auto" and n_params > 1e9)
+    if use_lora:
+        # sft.py saves its adapters merged, so the base model IS the SFT policy: switching the new
+        # adapter off gives the reference without a second copy of the weights
+        from peft import LoraConfig, get_peft_model
+        policy.model = get_peft_model(policy.model, LoraConfig(
+            r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
+            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
+        reference = policy.model.disable_adapter
+    else:
+        frozen = copy.deepcopy(policy.model).eval().requires_grad_(False)
+        reference = lambda: swap_model(policy, frozen)   # noqa: E731
+    lr = args.lr or (1e-4 if small else 1e-5 if use_lora else 1e-6)
+    trainable = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
+    print(f"policy {args.policy}: {n_params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained"
+          f"{' (LoRA)' if use_lora else ''}, lr {lr:g}, temperature {args.temperature:g}")
+    return policy, reference, use_lora, lr
+
+
+class swap_model:
+    """Run the wrapper with another model inside a with-block (the frozen reference)."""
+
+    def __init__(self, policy, model):
+        self.policy, self.model = policy, model
+
+    def __enter__(self):
+        self.policy.model, self.model = self.model, self.policy.model
+
+    def __exit__(self, *exc):
+        self.policy.model, self.model = self.model, self.policy.model
+
+
+# ---- prompts and rollouts -----------------------------------------------------------------------
+
+def prompt_pool(dataset, seed) -> list:
+    """Every (normal training image, category, type) of the training group: the RL prompts."""
+    n = max(len(dataset.train_good[c]) for c in dataset.train_categories)
+    return tools.plan_tasks(dataset, ",".join(dataset.train_categories), per_type=n, seed=seed)
+
+
+def validation_prompts(dataset, per_type, seed) -> list:
+    """Held-out prompts: the training group's categories and types on their test normal images,
+    which are never RL prompts. (Zero-shot transfer to the evaluation group is synthesize.py's and
+    evaluate.py's to measure.)"""
+    plan = []
+    for cat in dataset.train_categories:
+        normals = dataset.test_good[cat] or dataset.train_good[cat]
+        for t in dataset.types(cat):
+            for i in range(per_type):
+                plan.append(dict(id=f"val/{cat}/{t}/{i:03d}", category=cat, anomaly_type=t,
+                                 path=normals[tools.stable_seed(seed, cat, t, i) % len(normals)],
+                                 seed=tools.stable_seed(seed, "val", cat, t, i)))
+    return plan
+
+
+def rollout(policy, dataset, prompts, group_size, toolbox, max_turns) -> list:
+    """group_size episodes per prompt, all played side by side. A group shares its task seed, so the
+    tools answer the same call the same way and only the policy's choices differ."""
+    tasks = []
+    for p in prompts:
+        for g in range(group_size):
+            task = tools.make_task(dataset, p)
+            task.id = f"{p['id']}/{g}"
+            tasks.append(task)
+    policy.model.eval()
+    return tools.run_episodes(policy, tasks, toolbox, max_turns)
+
+
+def score(records, args) -> list:
+    weights = dict(alpha=args.alpha, beta=args.beta, gamma=args.gamma, phi_invalid=args.phi_invalid,
+                   lambda_kr=args.lambda_kr, lambda_t=args.lambda_t, t_max=args.t_max)
+    return [rewards.total_reward(r, **weights) for r in records]
+
+
+# ---- GRPO ---------------------------------------------------------------------------------------
+
+def grpo_advantages(rewards_, group_size, eps=1e-6):
+    """A_i = (R_i - mean(R)) / (std(R) + eps) within each consecutive group of group_size; groups
+    whose rewards are all equal get advantage 0 and keep=False (they would only add noise)."""
+    r = torch.as_tensor(rewards_, dtype=torch.float64).view(-1, group_size)
+    std = r.std(dim=1, keepdim=True, unbiased=False)
+    keep = (std > 1e-9).expand_as(r)
+    advantages = torch.where(keep, (r - r.mean(dim=1, keepdim=True)) / (std + eps), torch.zeros_like(r))
+    return advantages.flatten().float(), keep.flatten()
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef):
+    """-mean over masked tokens of  min(rho A, clip(rho, 1 - eps, 1 + eps) A) - kl_coef * KL_k3,
+    rho = exp(logp - old_logp), KL_k3 = exp(ref - logp) - (ref - logp) - 1 (unbiased, >= 0).
+    logp, old_logp, ref_logp, mask: (batch, tokens); advantages: (batch,), one per trajectory."""
+    a = advantages[:, None]
+    rho = torch.exp(logp - old_logp)
+    surrogate = torch.minimum(rho * a, torch.clamp(rho, 1 - clip_eps, 1 + clip_eps) * a)
+    log_ratio = ref_logp - logp
+    kl = torch.exp(log_ratio) - log_ratio - 1
+    n = mask.sum().clamp(min=1)
+    loss = -((surrogate - kl_coef * kl) * mask).sum() / n
+    with torch.no_grad():
+        clipped = ((rho - 1).abs() > clip_eps).float()
+        stats = {"kl": float((kl * mask).sum() / n), "clip_fraction": float((clipped * mask).sum() / n)}
+    return loss, stats
+
+
+def update(policy, reference, optimizer, params, buffer, args, autocast):
+    """--ppo-epochs passes over the buffer [(conversation, advantage)], one optimizer step per
+    mini-batch. Returns the pass's statistics, or raises on a non-finite loss before any step."""
+    buffer = sorted(buffer, key=lambda item: len(item[0]))   # similar lengths share a batch: less padding
+    micro = [buffer[i:i + args.micro_batch] for i in range(0, len(buffer), args.micro_batch)]
+    batches = [policy.encode([messages for messages, _ in m]) for m in micro]
+    advantages = [torch.tensor([a for _, a in m], device=policy.model.device) for m in micro]
+    old, ref = [], []
+    policy.model.eval()
+    with torch.no_grad(), autocast():
+        for batch in batches:   # pi_old: the policy that sampled the buffer, before any update
+            old.append(policy.token_logprobs(batch, args.temperature)[0])
+        with reference():
+            for batch in batches:
+                ref.append(policy.token_logprobs(batch, args.temperature)[0])
+    policy.model.train()
+    per_step = max(1, args.minibatch // args.micro_batch)
+    stats, order = [], list(range(len(micro)))
+    for _ in range(args.ppo_epochs):
+        random.shuffle(order)
+        for start in range(0, len(order), per_step):
+            chosen = order[start:start + per_step]
+            n_tokens = sum(float(batches[i]["assistant_mask"][:, 1:].sum()) for i in chosen)
+            for i in chosen:
+                with autocast():
+                    logp, mask = policy.token_logprobs(batches[i], args.temperature)
+                    loss, s = grpo_loss(logp, old[i], ref[i], advantages[i], mask, args.clip_eps, args.kl_coef)
+                if not torch.isfinite(loss):
+                    optimizer.zero_grad(set_to_none=True)
+                    raise FloatingPointError(f"the GRPO loss is {loss.item()}")
+                (loss * float(mask.sum()) / n_tokens).backward()
+                stats.append({**s, "loss": loss.item(), "tokens": float(mask.sum())})
+            norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            if not torch.isfinite(norm):
+                optimizer.zero_grad(set_to_none=True)
+                raise FloatingPointError(f"the gradient norm is {norm.item()}")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    total = sum(s["tokens"] for s in stats)
+    return {k: sum(s[k] * s["tokens"] for s in stats) / total for k in ("loss", "kl", "clip_fraction")} | \
+        {"tokens": int(total / args.ppo_epochs)}
+
+
+# ---- evaluation, logging and checkpoints --------------------------------------------------------
+
+def summarize(records, parts, prefix="") -> dict:
+    """Mean and std of the reward and its components, and the episodes' rates."""
+    out = {}
+    for key in ("total", "task", "reflection", "behavior"):
+        values = [p[key] for p in parts]
+        name = "reward" if key == "total" else key
+        out[f"{prefix}{name}_mean"], out[f"{prefix}{name}_std"] = float(np.mean(values)), float(np.std(values))
+    s = tools.episode_stats(records)
+    out.update({f"{prefix}final_qe": s["mean_final_score"], f"{prefix}turns": s["mean_turns"],
+                f"{prefix}well_formed": s["well_formed_turns"], f"{prefix}completed": s["completed"]})
+    return out
+
+
+def evaluate(policy, dataset, plan, toolbox, args) -> dict:
+    """Greedy episodes on the held-out (evaluation-group) prompts."""
+    temperature, policy.temperature = policy.temperature, 0.0
+    policy.model.eval()
+    records = []
+    for i in range(0, len(plan), 32):
+        records += tools.run_episodes(policy, [tools.make_task(dataset, p) for p in plan[i:i + 32]],
+                                      toolbox, args.max_turns)
+    policy.temperature = temperature
+    return summarize(records, score(records, args), prefix="eval_")
+
+
+def plot_curve(metrics, path):
+    """reward_curve.png: the mean training reward per step and the held-out reward, drawn with pillow."""
+    W, H, pad = 640, 360, 48
+    image = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(image)
+    train = [(m["step"], m["reward_mean"]) for m in metrics if "reward_mean" in m]
+    held = [(m["step"], m["eval_reward_mean"]) for m in metrics if "eval_reward_mean" in m]
+    values = [v for _, v in train + held] or [0.0]
+    lo, hi = min(values + [0.0]), max(values + [1.0])
+    last = max([s for s, _ in train + held] + [1])
+    xy = lambda s, v: (pad + (W - 2 * pad) * s / last, H - pad - (H - 2 * pad) * (v - lo) / (hi - lo))  # noqa: E731
+    draw.rectangle([pad, pad, W - pad, H - pad], outline="black")
+    for v in np.linspace(lo, hi, 5):
+        draw.text((4, xy(0, v)[1] - 6), f"{v:.2f}", fill="black")
+    draw.text((W // 2 - 20, H - pad + 8), f"step (0-{last})", fill="black")
+    if len(train) > 1:
+        draw.line([xy(s, v) for s, v in train], fill=(31, 119, 180), width=2)
+    for s, v in held:
+        x, y = xy(s, v)
+        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(255, 127, 14))
+    draw.text((pad + 8, 8), "mean reward: training (line), held-out greedy (dots)", fill="black")
+    tmp = Path(str(path) + ".tmp.png")
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out, policy, optimizer, step):
+    """OUT/checkpoint.pt: trainable weights, optimizer and random states, written then renamed."""
+    trainable = {n: p.detach().cpu() for n, p in policy.model.named_parameters() if p.requires_grad}
+    tmp = out / "checkpoint.pt.tmp"
+    torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "step": step,
+                "python_rng": random.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, out / "checkpoint.pt")
+
+
+def read_metrics(path, upto) -> list:
+    """The logged lines of steps up to `upto` (a resumed run redoes the steps after its checkpoint)."""
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [m for m in lines if m["step"] <= upto]
+
+
+def main(argv=None):
+    args = get_args(argv)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if args.group_size < 2:
+        raise tools.UserError("--group-size must be at least 2: GRPO compares episodes within a group")
+    out = Path(args.out)
+    if (out / "metrics.jsonl").exists() and not args.resume:
+        raise tools.UserError(f"{out} holds a run: pass --resume to continue it, or another --out")
+    if args.resume and not (out / "checkpoint.pt").is_file():
+        raise tools.UserError(f"--resume: no checkpoint.pt in {out}")
+
+    # setup: data, tools, the policy with its reference, the optimizer
+    dataset = tools.load_dataset(args.data, args.data_root, args.size)
+    toolbox = tools.Toolbox(tools.parse_tools_flag(args.tools))
+    pool = prompt_pool(dataset, args.seed)
+    held_out = validation_prompts(dataset, args.eval_per_type, args.seed)
+    policy, reference, use_lora, lr = load_models(args)
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.device.startswith("cuda") \
+        else nullcontext
+    start_step = 0
+    if args.resume:
+        state = torch.load(out / "checkpoint.pt", weights_only=False)
+        policy.model.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = state["step"]
+        random.setstate(state["python_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resuming after step {start_step} of {args.steps}")
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = read_metrics(out / "metrics.jsonl", start_step)
+    (out / "run_config.json").write_text(json.dumps(vars(args), indent=1))   # config.json is the model's
+
+    def log(entry):
+        metrics.append(entry)
+        tmp = out / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        os.replace(tmp, out / "metrics.jsonl")
+        plot_curve(metrics, out / "reward_curve.png")
+
+    if start_step == 0:
+        first = evaluate(policy, dataset, held_out, toolbox, args)
+        log({"step": 0, **first})
+        print(f"held-out before RL: reward {first['eval_reward_mean']:.3f}, final QE {first['eval_final_qe']}")
+
+    # the loop: rollout -> rewards -> advantages -> update
+    bar = tqdm(range(start_step, args.steps), desc="grpo", initial=start_step, total=args.steps)
+    for step in bar:
+        started = time.time()
+        prompts = random.Random(tools.stable_seed(args.seed, step)).sample(pool, args.prompts_per_step)
+        records = rollout(policy, dataset, prompts, args.group_size, toolbox, args.max_turns)
+        parts = score(records, args)
+        advantages, keep = grpo_advantages([p["total"] for p in parts], args.group_size)
+        buffer = [(r["messages"], float(a)) for r, a, k in zip(records, advantages, keep) if k]
+        entry = {"step": step + 1, **summarize(records, parts), "groups_kept": int(keep.sum()) // args.group_size}
+        if buffer:
+            try:
+                entry.update(update(policy, reference, optimizer, params, buffer, args, autocast))
+            except FloatingPointError as e:
+                raise tools.UserError(f"step {step + 1}: {e}; the step is not applied and the last "
+                                      f"good checkpoint ({out / 'checkpoint.pt'}) is kept; lower --lr") from None
+        entry["seconds"] = round(time.time() - started, 1)
+        if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            entry.update(evaluate(policy, dataset, held_out, toolbox, args))
+            bar.write(f"step {step + 1}: held-out reward {entry['eval_reward_mean']:.3f}, "
+                      f"final QE {entry['eval_final_qe']}, completed {entry['eval_completed']:.0%}")
+        log(entry)
+        bar.set_postfix(reward=f"{entry['reward_mean']:.3f}", kl=f"{entry.get('kl', 0):.4f}",
+                        kept=entry["groups_kept"])
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save_checkpoint(out, policy, optimizer, step + 1)
+
+    # save the trained policy as a plain model, and say what RL changed on held-out prompts
+    if use_lora:
+        policy.model = policy.model.merge_and_unload()
+    policy.save(out)
+    before = next(m for m in metrics if m["step"] == 0)
+    after = metrics[-1]
+    summary = {k: {"before": before[k], "after": after[k]} for k in before if k.startswith("eval_")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"saved {out}. Held-out prompts (greedy): mean reward "
+          f"{before['eval_reward_mean']:.3f} -> {after['eval_reward_mean']:.3f}, final QE "
+          f"{before['eval_final_qe']} -> {after['eval_final_qe']}, completed "
+          f"{before['eval_completed']:.0%} -> {after['eval_completed']:.0%}")
+
 
 if __name__ == "__main__":
-    sys.exit("rl.py is not built yet (issue #4); synthesize.py runs the expert agent today")
+    try:
+        main()
+    except tools.UserError as e:
+        sys.exit(f"error: {e}")
