@@ -119,7 +119,7 @@ def load_models(args):
         reference = policy.model.disable_adapter
     else:
         frozen = copy.deepcopy(policy.model).eval().requires_grad_(False)
-        reference = lambda: swap_model(policy, frozen)   # noqa: E731
+        reference = lambda: ModelSwap(policy, frozen)   # noqa: E731
     lr = args.lr or (1e-4 if small else 1e-5 if use_lora else 1e-6)
     trainable = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
     print(f"policy {args.policy}: {n_params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained"
@@ -127,7 +127,7 @@ def load_models(args):
     return policy, reference, use_lora, lr
 
 
-class swap_model:
+class ModelSwap:
     """Run the wrapper with another model inside a with-block (the frozen reference)."""
 
     def __init__(self, policy, model):
@@ -322,6 +322,10 @@ def read_metrics(path, upto) -> list:
     return [m for m in lines if m["step"] <= upto]
 
 
+# what may change when a run is resumed; everything else must match the saved run_config.json
+RESUMABLE = {"resume", "steps", "eval_every", "save_every", "device"}
+
+
 def main(argv=None):
     args = get_args(argv)
     random.seed(args.seed)
@@ -333,6 +337,12 @@ def main(argv=None):
         raise tools.UserError(f"{out} holds a run: pass --resume to continue it, or another --out")
     if args.resume and not (out / "checkpoint.pt").is_file():
         raise tools.UserError(f"--resume: no checkpoint.pt in {out}")
+    if args.resume and (out / "run_config.json").is_file():
+        saved = json.loads((out / "run_config.json").read_text())
+        changed = [f"--{k.replace('_', '-')} {saved[k]} -> {v}" for k, v in vars(args).items()
+                   if k not in RESUMABLE and k in saved and v is not None and saved[k] != v]
+        if changed:
+            raise tools.UserError(f"--resume: {out} was run with other settings ({'; '.join(changed)})")
 
     # setup: data, tools, the policy with its reference, the optimizer
     dataset = tools.load_dataset(args.data, args.data_root, args.size)

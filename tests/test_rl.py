@@ -193,6 +193,9 @@ def test_rl_resume_continues_after_a_kill(tiny_model_dir, toy_root, tmp_path):
     assert f"resuming after step {saved} of 4" in result.stdout
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3, 4]          # nothing lost, nothing logged twice
+    other = run_script("rl.py", *tiny_args(tiny_model_dir, toy_root, out, "--steps", "5", "--group-size", "3"),
+                       "--resume")
+    assert other.returncode != 0 and "--group-size 2 -> 3" in other.stderr
 
 
 def test_rl_bad_input(tmp_path, toy_root, tiny_model_dir):
