@@ -4,6 +4,15 @@ synthesize.py -- run the agent on normal images and write the anomalies it synth
     python synthesize.py                                  # expert agent, toy world, eval categories
     python synthesize.py --data mvtec --data-root /data/mvtec_anomaly_detection --per-type 30
     python synthesize.py --tools PG,IG,QE,MG --out runs/synth-no-kr   # ablation: no knowledge
+    python synthesize.py --method draem --out runs/synth-draem        # a baseline, same layout
+
+--method picks the generator: the agent (default), or a baseline that evaluate.py compares with it:
+  fixed-prompt  one image_gen call with one fixed generic prompt, its mask from the mask tool; no agent
+  draem         Perlin-noise masks blended with a texture, as DRAEM does (procedural textures: the
+                DTD textures DRAEM uses are not available offline)
+  cutpaste      a patch of the image itself, colour-jittered and pasted elsewhere (CutPaste)
+The baselines write no conversation: their trajectories.jsonl records hold the files and the judge's
+score of each sample, so resuming, the gallery and evaluate.py work the same for every method.
 
 For every (category, anomaly type) it plays --per-type episodes, each on a normal training image,
 through the shared episode runner (tools.run_episodes), and writes:
@@ -46,7 +55,8 @@ def get_args(argv=None):
     data.add_argument("--categories", default=None, help="comma list; default: the evaluation group")
     data.add_argument("--types", default=None, help="comma list of anomaly types; default: all")
     data.add_argument("--per-type", type=int, default=5, help="samples per (category, type)")
-    agent = p.add_argument_group("agent")
+    agent = p.add_argument_group("generator")
+    agent.add_argument("--method", default="agent", help="agent (default), or a baseline: fixed-prompt, draem, cutpaste")
     agent.add_argument("--policy", default="expert", help="expert (scripted), a trained model folder (runs/sft) or a Hugging Face id")
     agent.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of a model policy (0: greedy)")
     agent.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where a model policy runs")
@@ -60,7 +70,7 @@ def get_args(argv=None):
 
 
 # settings that change what a sample looks like: a resumed run must share them
-RUN_SETTINGS = ("data", "data_root", "size", "policy", "temperature", "tools", "max_turns", "seed")
+RUN_SETTINGS = ("data", "data_root", "size", "method", "policy", "temperature", "tools", "max_turns", "seed")
 
 
 def prepare_out(out, args, dataset) -> dict:
@@ -80,6 +90,7 @@ def prepare_out(out, args, dataset) -> dict:
             old = json.loads(config_path.read_text())
         except ValueError:
             raise tools.UserError(f"{config_path} is corrupt; pass another --out") from None
+        old.setdefault("method", "agent")   # runs made before --method existed were all the agent's
         diff = [f"--{k.replace('_', '-')} {old.get(k)} -> {config[k]}" for k in RUN_SETTINGS
                 if old.get(k) != config[k]]
         if diff:
@@ -187,9 +198,174 @@ def write_overview(out, records, per_row=4) -> None:
     tools.save_png(np.concatenate(tiles, axis=0), out / "overview.png")
 
 
+# ---- the baselines (--method): one function per method, (task, toolbox, rng) -> image, mask, notes
+
+METHODS = ("agent", "fixed-prompt", "draem", "cutpaste")
+# the "Gemini image model, fixed prompt" baseline of the paper: one generic instruction, no planning
+FIXED_PROMPT = "Using the provided image, add a realistic {defect} defect to the {item}."
+
+
+def fixed_prompt(task, toolbox, rng):
+    """One image_gen call with the fixed prompt and one mask_gen call: the same tool backends the
+    agent calls, without the agent."""
+    prompt = FIXED_PROMPT.format(defect=task.anomaly_type.replace("_", " "),
+                                 item=task.category.replace("_", " "))
+    edited = toolbox.painter.edit(task.image, prompt, task.kind, rng)
+    return edited, toolbox.segmenter.segment(task.image, edited), {"prompt": prompt}
+
+
+def perlin_noise(shape, cells, rng) -> np.ndarray:
+    """Gradient (Perlin) noise in about [-1, 1]: random unit gradients on a (cells+1) lattice,
+    blended with the quintic fade curve, scaled by sqrt(2) (DRAEM's threshold 0.5 assumes that range)."""
+    cy, cx = cells
+    angle = rng.uniform(0, 2 * np.pi, (cy + 1, cx + 1))
+    gy, gx = np.sin(angle), np.cos(angle)
+    y = np.arange(shape[0]) * cy / shape[0]
+    x = np.arange(shape[1]) * cx / shape[1]
+    iy, ix = y.astype(int), x.astype(int)
+    fy, fx = (y - iy)[:, None], (x - ix)[None, :]
+
+    def corner(dy, dx):   # the dot product of the corner's gradient with the offset to the pixel
+        ky, kx = (iy + dy)[:, None], (ix + dx)[None, :]
+        return gy[ky, kx] * (fy - dy) + gx[ky, kx] * (fx - dx)
+
+    def fade(t):
+        return t * t * t * (t * (6 * t - 15) + 10)
+
+    u, v = fade(fy), fade(fx)
+    top = corner(0, 0) * (1 - v) + corner(0, 1) * v
+    bottom = corner(1, 0) * (1 - v) + corner(1, 1) * v
+    return np.sqrt(2) * (top * (1 - u) + bottom * u)
+
+
+def procedural_texture(side, rng) -> np.ndarray:
+    """A stand-in for a DTD texture: fractal noise, stripes or a checkerboard in random colours,
+    with a random gamma (DRAEM also alters its textures before blending)."""
+    kind = rng.choice(["fractal", "stripes", "checker"])
+    if kind == "fractal":
+        field = sum(perlin_noise((side, side), (2 ** k, 2 ** k), rng) / 2 ** (k / 2) for k in range(1, 6))
+    else:
+        yy, xx = np.mgrid[:side, :side] / side
+        angle, period = rng.uniform(0, np.pi), rng.uniform(0.03, 0.25)
+        along = (yy * np.sin(angle) + xx * np.cos(angle)) / period
+        across = (-yy * np.cos(angle) + xx * np.sin(angle)) / period
+        field = np.sin(2 * np.pi * along) if kind == "stripes" else \
+            np.sign(np.sin(np.pi * along) * np.sin(np.pi * across))
+    field = (field - field.min()) / (np.ptp(field) + 1e-6)
+    low, high = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    texture = low + field[..., None] * (high - low)
+    return 255 * (texture / 255) ** rng.uniform(0.5, 2.0)
+
+
+def draem(task, toolbox, rng):
+    """DRAEM's simulated anomaly: a Perlin-noise mask (lattice 2^0..2^5 cells per side, rotated,
+    thresholded at 0.5) where the image is blended with a texture, image weight beta ~ U(0, 0.8).
+    As in DRAEM, the mask may fall anywhere, background included."""
+    side = task.image.shape[0]
+    for _ in range(100):   # redraw empty or near-empty masks: every sample must hold an anomaly
+        noise = perlin_noise((side, side), tuple(2 ** rng.integers(0, 6, 2)), rng)
+        noise = ndimage.rotate(noise, rng.uniform(-90, 90), reshape=False, mode="reflect")
+        mask = noise > 0.5
+        if mask.sum() >= 0.002 * side * side:
+            break
+    beta = rng.uniform(0, 0.8)
+    texture = procedural_texture(side, rng)
+    image = task.image.astype(np.float32)
+    blended = beta * image + (1 - beta) * texture
+    out = np.where(mask[..., None], blended, image)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8), mask, {"beta": round(float(beta), 3)}
+
+
+def cutpaste(task, toolbox, rng):
+    """CutPaste: a rectangle of 2-15% of the image (aspect ratio 0.3-3.3) is cut, jittered in
+    brightness, contrast, saturation and hue (+-10%), and pasted at a random place."""
+    side = task.image.shape[0]
+    area = rng.uniform(0.02, 0.15) * side * side
+    aspect = np.exp(rng.uniform(np.log(0.3), np.log(1 / 0.3)))
+    h = int(np.clip(round(np.sqrt(area * aspect)), 2, side - 1))
+    w = int(np.clip(round(np.sqrt(area / aspect)), 2, side - 1))
+    y0, x0, y1, x1 = (int(rng.integers(0, side - d + 1)) for d in (h, w, h, w))
+    patch = task.image[y0:y0 + h, x0:x0 + w].astype(np.float32)
+    patch = patch * rng.uniform(0.9, 1.1)                                        # brightness
+    patch = (patch - patch.mean()) * rng.uniform(0.9, 1.1) + patch.mean()        # contrast
+    grey = patch.mean(axis=2, keepdims=True)
+    patch = grey + (patch - grey) * rng.uniform(0.9, 1.1)                        # saturation
+    # hue is an angle around RGB's grey axis: rotate the colours by up to 10% of a turn
+    theta, k = rng.uniform(-0.1, 0.1) * 2 * np.pi, np.ones(3) / np.sqrt(3)
+    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    patch = patch @ (np.eye(3) + np.sin(theta) * cross + (1 - np.cos(theta)) * cross @ cross).T
+    out = task.image.copy()
+    out[y1:y1 + h, x1:x1 + w] = np.clip(np.round(patch), 0, 255).astype(np.uint8)
+    mask = np.zeros((side, side), bool)
+    mask[y1:y1 + h, x1:x1 + w] = True
+    return out, mask, {}
+
+
+BASELINES = {"fixed-prompt": fixed_prompt, "draem": draem, "cutpaste": cutpaste}
+
+
+def run_baseline(method, dataset, batch, toolbox, out) -> list:
+    """Make each task's sample with a baseline and return records in the agent's record format
+    (no conversation), with the judge's score of the result for the summary."""
+    records = []
+    for planned in batch:
+        task = tools.make_task(dataset, planned)
+        rng = np.random.default_rng([task.seed, tools.stable_seed(method)])
+        cat, t, i = task.id.split("/")
+        base = Path(cat) / t
+        record = {"id": task.id, "method": method, "dataset": task.dataset, "category": cat,
+                  "anomaly_type": t, "seed": task.seed, "normal_image": task.image_path,
+                  "messages": [], "turns": [], "attempts": [], "qe_scores": [], "num_turns": 0,
+                  "final_image": None, "mask": None, "final_image_index": None, "final_score": None,
+                  "error": None}
+        try:
+            image, mask, notes = BASELINES[method](task, toolbox, rng)
+        except tools.ToolError as e:   # the painter cannot read the fixed prompt (an unknown type)
+            record["error"] = str(e)
+            image = mask = None
+            notes = {}
+        record.update(notes)
+        record["step_images"] = [str(base / "steps" / i / "1.png")]
+        tools.save_png(task.image, out / record["step_images"][0])
+        if image is not None:
+            record.update(final_image=str(base / "image" / f"{i}.png"), mask=str(base / "mask" / f"{i}.png"),
+                          final_image_index=2, mask_area=round(float(mask.mean()), 4))
+            tools.save_png(image, out / record["final_image"])
+            tools.save_png(mask, out / record["mask"])
+            record["step_images"].append(record["final_image"])
+            judged = toolbox.judge.evaluate(task.image, image, task.kind, toolbox.entry(task))
+            record["final_score"] = judged["score"]
+            record["qe_scores"] = [judged["score"]]
+        records.append(record)
+    return records
+
+
+def baseline_stats(records) -> dict:
+    made = [r for r in records if r["final_image"]]
+    scores = [r["final_score"] for r in made]
+    n = max(len(records), 1)
+    return {"samples": len(records), "made": len(made) / n,
+            "nonempty_mask": sum(r["mask_area"] > 0 for r in made) / n,
+            "mean_mask_area": float(np.mean([r["mask_area"] for r in made])) if made else None,
+            "mean_final_score": float(np.mean(scores)) if scores else None,
+            "passed": sum(s >= tools.PASS_SCORE for s in scores) / n}
+
+
+def format_baseline_stats(method, s) -> str:
+    area = "n/a" if s["mean_mask_area"] is None else f"{s['mean_mask_area']:.1%}"
+    score = "n/a" if s["mean_final_score"] is None else f"{s['mean_final_score']:.2f}"
+    return (f"{s['samples']} samples ({method}) | made {s['made']:.0%} | non-empty mask "
+            f"{s['nonempty_mask']:.0%} | mean mask area {area} | mean QE of the judge {score} | "
+            f"passed {s['passed']:.0%}")
+
+
 def main(argv=None):
     args = get_args(argv)
     args.tools = ",".join(tools.parse_tools_flag(args.tools))
+    if args.method not in METHODS:
+        raise tools.UserError(f"--method must be one of {', '.join(METHODS)}, not '{args.method}'")
+    if args.method != "agent" and args.policy != "expert":
+        raise tools.UserError(f"--policy is for --method agent; --method {args.method} runs no agent")
     for flag in ("per_type", "max_turns", "batch_size"):
         if getattr(args, flag) < 1:
             raise tools.UserError(f"--{flag.replace('_', '-')} must be at least 1")
@@ -202,26 +378,37 @@ def main(argv=None):
           f"{len(todo)} to make)")
 
     toolbox = tools.Toolbox(enabled=args.tools.split(","))
-    policy = tools.load_policy(args.policy, seed=args.seed, device=args.device, temperature=args.temperature)
+    if args.method == "agent":
+        policy = tools.load_policy(args.policy, seed=args.seed, device=args.device, temperature=args.temperature)
     records = list(done.values())   # the summary and gallery show everything in OUT
     with open(out / "trajectories.jsonl", "a") as log, tqdm(total=len(todo), desc="synthesizing") as bar:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
-            episodes = [tools.make_task(dataset, t) for t in batch]
-            results = tools.run_episodes(policy, episodes, toolbox, args.max_turns,
-                                         on_finish=lambda e: bar.update())
+            if args.method != "agent":
+                results = run_baseline(args.method, dataset, batch, toolbox, out)
+                bar.update(len(batch))
+            else:
+                episodes = [tools.make_task(dataset, t) for t in batch]
+                results = [save_record(r, out, toolbox) for r in tools.run_episodes(
+                    policy, episodes, toolbox, args.max_turns, on_finish=lambda e: bar.update())]
             for record in results:
-                record = save_record(record, out, toolbox)
                 log.write(json.dumps(record) + "\n")
                 records.append(record)
             log.flush()
             os.fsync(log.fileno())
 
-    summary = tools.episode_stats(records)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if args.method == "agent":
+        summary = tools.episode_stats(records)
+        line = tools.format_stats(summary)
+    else:
+        summary = baseline_stats(records)
+        line = format_baseline_stats(args.method, summary)
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(out / "summary.json")
     write_gallery(out, records)
     write_overview(out, records)
-    print(tools.format_stats(summary))
+    print(line)
     print(f"gallery: {out / 'index.html'}")
 
 

@@ -134,6 +134,8 @@ def test_seeds_and_tool_ablations(toy_root, tmp_path):
     (["--per-type", "0"], "--per-type must be at least 1"),
     (["--size", "16"], "--size must be at least 32"),
     (["--policy", "tests"], "is not a model"),
+    (["--method", "gan"], "--method must be one of agent, fixed-prompt, draem, cutpaste"),
+    (["--method", "draem", "--policy", "runs/sft"], "--policy is for --method agent"),
 ])
 def test_bad_input_is_one_line(args, message, toy_root, tmp_path):
     root = [] if "--data" in args else ["--data-root", toy_root]
@@ -173,3 +175,68 @@ def test_repeated_categories_and_spaces_in_lists(toy_root, tmp_path):
                         "--categories", "washer, washer", "--types", "crack, missing", "--per-type", "1")
     assert result.returncode == 0, result.stderr
     assert sorted(r["id"] for r in records(tmp_path / "o")) == ["washer/crack/000", "washer/missing/000"]
+
+
+# ---- the baselines (--method) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["fixed-prompt", "draem", "cutpaste"])
+def test_baselines_write_the_same_layout_and_resume(method, toy_root, toy, tmp_path):
+    args = ["--data-root", toy_root, "--categories", "washer", "--per-type", "2", "--method", method]
+    result = run_script("synthesize.py", *args, "--out", tmp_path / "a")
+    assert result.returncode == 0, result.stderr
+    assert f"6 samples ({method}) | made 100%" in result.stdout
+    rs = records(tmp_path / "a")
+    assert sorted(r["id"] for r in rs) == [f"washer/{t}/{i:03d}" for t in toy.types("washer") for i in range(2)]
+    for r in rs:
+        out = tmp_path / "a"
+        normal, image = toy.load(r["normal_image"]), tools.load_image(out / r["final_image"])
+        mask = tools.load_mask(out / r["mask"])
+        assert r["final_image"] == f"{r['id'].rsplit('/', 1)[0]}/image/{r['id'][-3:]}.png"
+        assert r["method"] == method and r["messages"] == [] and 0 <= r["final_score"] <= 10
+        assert np.array_equal(tools.load_image(out / r["step_images"][0]), normal)
+        if method == "fixed-prompt":   # the mask is the mask tool's; the prompt names only type and item
+            assert r["prompt"] == f"Using the provided image, add a realistic {r['anomaly_type']} defect to the washer."
+            assert np.array_equal(mask, tools.DifferenceSegmenter().segment(normal, image))
+        else:                          # the edit is confined to its mask, which is never empty
+            assert mask.any() and np.array_equal(image[~mask], normal[~mask])
+            assert not np.array_equal(image[mask], normal[mask])
+    assert (tmp_path / "a" / "index.html").is_file() and (tmp_path / "a" / "overview.png").is_file()
+    # deterministic, and a rerun resumes
+    again = run_script("synthesize.py", *args, "--out", tmp_path / "b")
+    assert again.returncode == 0
+    assert (tmp_path / "a" / "trajectories.jsonl").read_text() == (tmp_path / "b" / "trajectories.jsonl").read_text()
+    resumed = run_script("synthesize.py", *args, "--out", tmp_path / "a")
+    assert resumed.returncode == 0 and "6 already in" in resumed.stdout
+
+
+def test_the_method_is_part_of_the_run_settings(toy_root, tmp_path):
+    args = ["--data-root", toy_root, "--categories", "washer", "--per-type", "1", "--out", tmp_path / "o"]
+    assert run_script("synthesize.py", *args).returncode == 0
+    result = run_script("synthesize.py", *args, "--method", "cutpaste")
+    assert result.returncode != 0 and "--method agent -> cutpaste" in result.stderr
+    # a run made before --method existed is the agent's, and still resumes
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    del config["method"]
+    (tmp_path / "o" / "config.json").write_text(json.dumps(config))
+    result = run_script("synthesize.py", *args)
+    assert result.returncode == 0 and "3 already in" in result.stdout
+
+
+def test_cutpaste_pastes_a_patch_of_the_image_and_draem_a_texture(toy):
+    import synthesize
+    task = tools.make_task(toy, tools.plan_tasks(toy, "wood", None, 1)[0])
+    image, mask, _ = synthesize.cutpaste(task, tools.Toolbox(), np.random.default_rng(0))
+    ys, xs = np.nonzero(mask)
+    h, w = np.ptp(ys) + 1, np.ptp(xs) + 1
+    assert mask.sum() == h * w and 0.02 * 128 ** 2 * 0.9 <= h * w <= 0.15 * 128 ** 2 * 1.1   # one rectangle
+    # the jitter maps grey levels affinely (a hue turn keeps them), so the pasted patch's grey
+    # levels correlate perfectly with one same-sized window of the original image, and with few others
+    grey = lambda a: (a - a.mean()) / (a.std() + 1e-9)
+    patch = grey(image[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(float).mean(axis=2))
+    source = task.image.astype(float).mean(axis=2)
+    corr = np.array([(patch * grey(source[y:y + h, x:x + w])).mean() for y in range(129 - h) for x in range(129 - w)])
+    assert corr.max() > 0.98 and np.mean(corr > 0.9) < 0.01
+    image, mask, notes = synthesize.draem(task, tools.Toolbox(), np.random.default_rng(1))
+    assert 0 <= notes["beta"] <= 0.8 and mask.any() and np.array_equal(image[~mask], task.image[~mask])
+    noise = synthesize.perlin_noise((64, 64), (4, 4), np.random.default_rng(0))
+    assert -1.01 <= noise.min() < 0 < noise.max() <= 1.01 and abs(noise[0, 0]) < 1e-9   # zero on the lattice
