@@ -106,16 +106,10 @@ def load_models(args):
     if args.temperature is None:
         args.temperature = 0.7 if small else 1.0
     policy.temperature = args.temperature
-    for name, param in policy.model.named_parameters():
-        param.requires_grad = "visual" not in name or "merger" in name
-    use_lora = args.lora == "on" or (args.lora == "auto" and n_params > 1e9)
+    use_lora = policy.make_trainable(args.lora, args.lora_rank)
     if use_lora:
         # sft.py saves its adapters merged, so the base model IS the SFT policy: switching the new
         # adapter off gives the reference without a second copy of the weights
-        from peft import LoraConfig, get_peft_model
-        policy.model = get_peft_model(policy.model, LoraConfig(
-            r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
-            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
         reference = policy.model.disable_adapter
     else:
         frozen = copy.deepcopy(policy.model).eval().requires_grad_(False)

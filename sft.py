@@ -118,19 +118,8 @@ def validation_loss(policy, records, micro_batch, autocast):
 
 def prepare_model(policy, args):
     """Freeze the vision encoder (its projector trains), optionally wrap the LLM in LoRA."""
-    model = policy.model
-    n_params = sum(p.numel() for p in model.parameters())
-    for name, param in model.named_parameters():
-        param.requires_grad = args.train_vision or "visual" not in name or "merger" in name
-    use_lora = args.lora == "on" or (args.lora == "auto" and n_params > 1e9)
-    if use_lora:
-        from peft import LoraConfig, get_peft_model
-        policy.model = get_peft_model(model, LoraConfig(
-            r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
-            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
-        for name, param in policy.model.named_parameters():   # the projector keeps training
-            if "visual" in name and "merger" in name and not args.train_vision:
-                param.requires_grad = True
+    n_params = sum(p.numel() for p in policy.model.parameters())
+    use_lora = policy.make_trainable(args.lora, args.lora_rank, args.train_vision)
     trainable = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
     print(f"model: {n_params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained"
           f"{' (LoRA)' if use_lora else ''}")

@@ -1627,6 +1627,24 @@ class VLMPolicy:
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
 
+    # -- training setup --------------------------------------------------------------------------
+    def make_trainable(self, lora="auto", lora_rank=16, train_vision=False) -> bool:
+        """Freeze the vision encoder (its projector trains); wrap the language model in LoRA when
+        lora is "on", or "auto" and the model has over 1B parameters. Returns whether LoRA is used."""
+        n_params = sum(p.numel() for p in self.model.parameters())
+        for name, param in self.model.named_parameters():
+            param.requires_grad = train_vision or "visual" not in name or "merger" in name
+        use_lora = lora == "on" or (lora == "auto" and n_params > 1e9)
+        if use_lora:
+            from peft import LoraConfig, get_peft_model
+            self.model = get_peft_model(self.model, LoraConfig(
+                r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
+            for name, param in self.model.named_parameters():   # peft froze the projector: it keeps training
+                if "visual" in name and "merger" in name and not train_vision:
+                    param.requires_grad = True
+        return use_lora
+
     # -- rendering -------------------------------------------------------------------------------
     def _render(self, messages, n_image_tokens, add_generation_prompt):
         """Token ids and a 0/1 mask of the tokens the policy wrote (assistant turns + their end)."""
