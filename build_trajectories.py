@@ -14,6 +14,10 @@ For every real anomaly (image, mask, type) of the training categories:
      KR after the first failed QE with probability --kr-prob, the agent's rewritten prompt
      (describing the next attempt, read from its mask: where, how large, how elongated, darker,
      brighter or which colour), MG on the final image, the answer. Thinking explains every step.
+  4. with probability --ran-out-prob, a second trajectory from the same clean image for Algorithm 1's
+     other exit: --n-max weaker attempts that all fail, then MG on the best-judged one and an answer
+     with status "partial". Without it SFT never shows what to do when the attempts run out, and
+     the policy keeps refining until max_turns (DECISION; the paper's data has only passing ends).
 
 Writes OUT/train.jsonl and OUT/val.jsonl (chat "messages" with images by path, plus "images" and
 "tools": the format TRL and LLaMA-Factory read) and the images under OUT/images/.
@@ -41,6 +45,8 @@ def get_args(argv=None):
     p.add_argument("--categories", default=None, help="comma list; default: the training group")
     p.add_argument("--n-max", type=int, default=3, help="most image attempts per trajectory (N in 1..n-max)")
     p.add_argument("--kr-prob", type=float, default=0.5, help="chance of knowledge retrieval after a failed QE")
+    p.add_argument("--ran-out-prob", type=float, default=0.25,
+                   help="chance of an extra trajectory whose --n-max attempts all fail (0: passing ends only)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of anomalies held out for validation")
     p.add_argument("--limit", type=int, default=None, help="use at most this many anomalies (quick runs)")
     p.add_argument("--out", default="runs/trajectories", help="output folder")
@@ -146,8 +152,9 @@ def failing_attempt(toolbox, task, entry, prompts, rng, tries=6):
     return None
 
 
-def build_one(toolbox, task, anomaly_image, mask, n_attempts, use_kr, rng):
-    """The trajectory's messages, or None when the real anomaly does not pass quality evaluation."""
+def build_one(toolbox, task, anomaly_image, mask, n_attempts, use_kr, rng, ran_out=False):
+    """The trajectory's messages, or None when the real anomaly does not pass quality evaluation
+    (or, with ran_out, when fewer than n_attempts failing attempts could be made)."""
     entry = toolbox.entry(task)
     item, kind = task.category.replace("_", " "), task.anomaly_type.replace("_", " ")
     final_prompt = describe(task.image, anomaly_image, mask, entry, task.kind)
@@ -155,12 +162,15 @@ def build_one(toolbox, task, anomaly_image, mask, n_attempts, use_kr, rng):
         return None
     generic, detailed = weak_prompts(entry, final_prompt, rng)
     attempts = []
-    for i in range(n_attempts - 1):
+    for i in range(n_attempts if ran_out else n_attempts - 1):
         found = failing_attempt(toolbox, task, entry, [generic] if i == 0 else detailed, rng)
         if found is None:
             break
         attempts.append(found)
-    attempts.append((final_prompt, anomaly_image))
+    if ran_out and len(attempts) < n_attempts:
+        return None
+    if not ran_out:
+        attempts.append((final_prompt, anomaly_image))
 
     session = toolbox.session(task)
     messages = [{"role": "system", "content": tools.system_prompt(toolbox.specs())}, tools.user_message(task)]
@@ -176,7 +186,7 @@ def build_one(toolbox, task, anomaly_image, mask, n_attempts, use_kr, rng):
     turn(f"Image 1 is a normal {item}. I need a local-edit prompt for a {kind}, so I call prompt_gen.",
          "prompt_gen", {"image": 1, "item_name": item, "anomaly_type": kind},
          reply=({"prompt": attempts[0][0]}, []))
-    review, knowledge = None, None
+    review, knowledge, scores = None, None, {}
     for m, (prompt, image) in enumerate(attempts):
         if m == 0:
             thinking = f"The prompt asks for a {kind} on {entry['attributes']['part']}. I edit image 1 with it."
@@ -189,17 +199,25 @@ def build_one(toolbox, task, anomaly_image, mask, n_attempts, use_kr, rng):
                  reply=session.add_generated(image, prompt))["image_index"]
         result = turn(f"Image {k} is attempt {m + 1}. I check its location and quality with quality_eval.",
                       "quality_eval", {"anomaly_image": k, "item_name": item, "anomaly_type": kind})
-        score = result["score"]
+        score = scores[k] = result["score"]
         review = result["review"].split(". ", 1)[-1]   # what to change, without the verdict
         if m + 1 < len(attempts) and use_kr and knowledge is None:
             knowledge = turn(f"Score {score:g}/10 is below {tools.PASS_SCORE:g}. Before rewriting the prompt "
                              f"I look up how a {kind} on a {item} looks.", "knowledge_retrieval",
                              {"item_name": item, "anomaly_type": kind})
-    mask_result = turn(f"Image {k} scored {score:g}/10, which passes. I extract its mask with mask_gen.",
-                       "mask_gen", {"anomaly_image": k})
+    if ran_out:
+        best = max(scores, key=lambda i: (scores[i], i))   # the later one on a tie
+        why = (f"Score {score:g}/10 is below {tools.PASS_SCORE:g}, and image {k} was attempt {len(attempts)}, "
+               f"my last. Of my {len(attempts)} attempts, image {best} scored best ({scores[best]:g}/10), "
+               "so I keep it")
+        k = best
+    else:
+        why = f"Image {k} scored {score:g}/10, which passes"
+    mask_result = turn(f"{why}. I extract its mask with mask_gen.", "mask_gen", {"anomaly_image": k})
     messages.append({"role": "assistant", "content": tools.format_answer(
-        f"The mask covers {100 * mask_result['area_fraction']:.1f}% of the image. Image {k} is the result.",
-        {"status": "success", "final_image_index": k, "mask_generated": True,
+        f"The mask covers {100 * mask_result['area_fraction']:.1f}% of the image. Image {k} is the "
+        + (f"best of my {len(attempts)} attempts." if ran_out else "result."),
+        {"status": "partial" if ran_out else "success", "final_image_index": k, "mask_generated": True,
          "synthesis_logic": f"a {kind} on the {item} after {len(attempts)} attempt(s)"})})
     return messages, session.images, len(attempts)
 
@@ -208,6 +226,9 @@ def main(argv=None):
     args = get_args(argv)
     if not 1 <= args.n_max <= 5:
         raise tools.UserError("--n-max must be between 1 and 5")
+    for flag, value in (("--kr-prob", args.kr_prob), ("--ran-out-prob", args.ran_out_prob)):
+        if not 0 <= value <= 1:
+            raise tools.UserError(f"{flag} must be between 0 and 1, got {value}")
     out = Path(args.out)
     if (out / "train.jsonl").exists():
         raise tools.UserError(f"{out} already holds trajectories; pass another --out or delete it")
@@ -235,14 +256,23 @@ def main(argv=None):
         if built is None:
             counts["skipped: real anomaly failed QE"] += 1
             continue
-        messages, images, n = built
+        variants = [(record_id, built, False)]
+        # its own generator, so --ran-out-prob leaves the passing trajectories as they were
+        other = np.random.default_rng([task.seed, 1])
+        if other.random() < args.ran_out_prob:
+            ran_out = build_one(toolbox, task, anomaly_image, mask, args.n_max,
+                                bool(other.random() < args.kr_prob), other, ran_out=True)
+            if ran_out is not None:
+                variants.append((record_id + "-ran-out", ran_out, True))
+        # both variants of one anomaly go to the same split
         split = "val" if tools.stable_seed("split", record_id) % 1000 < 1000 * args.val_fraction else "train"
-        paths = tools.save_episode_images(messages, images, out, f"images/{record_id}")
-        splits[split].append({"id": record_id, "category": a.category, "anomaly_type": a.anomaly_type,
-                              "n_attempts": n, "messages": messages, "images": paths,
-                              "tools": toolbox.specs()})
-        counts[f"N={n}"] += 1
-        counts[a.category] += 1
+        for variant_id, (messages, images, n), attempts_ran_out in variants:
+            paths = tools.save_episode_images(messages, images, out, f"images/{variant_id}")
+            splits[split].append({"id": variant_id, "category": a.category, "anomaly_type": a.anomaly_type,
+                                  "n_attempts": n, "attempts_ran_out": attempts_ran_out,
+                                  "messages": messages, "images": paths, "tools": toolbox.specs()})
+            counts[f"N={n}, attempts ran out" if attempts_ran_out else f"N={n}"] += 1
+            counts[a.category] += 1
     if not splits["train"]:
         raise tools.UserError("no trajectory could be built (every real anomaly failed quality evaluation)")
     for split, records in splits.items():

@@ -43,11 +43,15 @@ def test_tool_order_and_the_distribution_of_attempts(built, toy):
     assert 0 < with_kr < len(records)
 
 
+def qe_scores(record):
+    return [json.loads(tools.message_text(m))["score"] for m in record["messages"]
+            if m["role"] == "tool" and m["name"] == "quality_eval"]
+
+
 def test_the_real_anomaly_passes_last_and_weaker_attempts_fail(built, toy):
     out, records, _ = built
-    for r in records:
-        scores = [json.loads(tools.message_text(m))["score"] for m in r["messages"]
-                  if m["role"] == "tool" and m["name"] == "quality_eval"]
+    for r in [r for r in records if not r["attempts_ran_out"]]:
+        scores = qe_scores(r)
         assert scores[-1] >= tools.PASS_SCORE and all(s < tools.PASS_SCORE for s in scores[:-1])
         final = [m for m in r["messages"] if m["role"] == "tool" and m["name"] == "image_gen"][-1]
         cat, t, stem = r["id"].split("/")
@@ -61,9 +65,38 @@ def toy_root_image(toy, cat, t, stem):
     return next(a.image for a in toy.anomalies_of(cat, t) if a.image.stem == stem)
 
 
+def test_attempts_that_run_out_end_on_the_best_failed_one(built):
+    out, records, stdout = built
+    ran_out = [r for r in records if r["attempts_ran_out"]]
+    assert ran_out and "attempts ran out" in stdout
+    ids = {r["id"] for r in records}
+    for r in ran_out:
+        assert r["id"].removesuffix("-ran-out") in ids            # a second trajectory of a used anomaly
+        assert r["n_attempts"] == 3 and len(calls(r)) <= 10         # fits the runner's max_turns
+        scores = qe_scores(r)
+        assert len(scores) == 3 and all(s < tools.PASS_SCORE for s in scores)
+        judged = [json.loads(tools.message_text(m))["image_index"] for m in r["messages"]
+                  if m["role"] == "tool" and m["name"] == "quality_eval"]
+        best = max(zip(scores, judged))[1]
+        turns = [tools.parse_turn(m["content"]) for m in r["messages"] if m["role"] == "assistant"]
+        assert turns[-2].call["arguments"]["anomaly_image"] == best
+        assert turns[-1].answer["final_image_index"] == best and turns[-1].answer["status"] == "partial"
+
+
+def test_ran_out_trajectories_leave_the_passing_ones_unchanged(built, toy_root, tmp_path):
+    out, records, _ = built
+    result = run_script("build_trajectories.py", "--data-root", toy_root, "--out", tmp_path / "o", "--limit", "40",
+                        "--kr-prob", "0.7", "--ran-out-prob", "0")
+    assert result.returncode == 0, result.stderr
+    plain = [json.loads(line) for name in ("train", "val")
+             for line in (tmp_path / "o" / f"{name}.jsonl").read_text().splitlines()]
+    assert not any(r["attempts_ran_out"] for r in plain) and "attempts ran out" not in result.stdout
+    assert [r["messages"] for r in plain] == [r["messages"] for r in records if not r["attempts_ran_out"]]
+
+
 def test_prompts_name_the_real_defects_place_and_size(built, toy):
     _, records, _ = built
-    for r in records:
+    for r in [r for r in records if not r["attempts_ran_out"]]:
         cat, t, stem = r["id"].split("/")
         mask = toy.load_mask(next(a.mask for a in toy.anomalies_of(cat, t) if a.image.stem == stem))
         prompt = [tools.parse_turn(m["content"]).call["arguments"]["prompt"] for m in r["messages"]
@@ -97,3 +130,5 @@ def test_bad_input(tmp_path, built):
     assert len(result.stderr.strip().splitlines()) == 1
     result = run_script("build_trajectories.py", "--out", out)
     assert result.returncode != 0 and "already holds trajectories" in result.stderr
+    result = run_script("build_trajectories.py", "--ran-out-prob", "1.5", "--out", tmp_path / "o")
+    assert result.returncode != 0 and "--ran-out-prob must be between 0 and 1" in result.stderr
