@@ -48,7 +48,7 @@ def get_args(argv=None):
     model.add_argument("--lora-rank", type=int, default=16, help="LoRA rank")
     model.add_argument("--train-vision", action="store_true", help="also train the vision encoder")
     model.add_argument("--rename-prob", type=float, default=0.5,
-                       help="chance a trajectory's item is renamed to another object, so the policy "
+                       help="chance a trajectory's item is renamed to a made-up name, so the policy "
                             "learns to copy the item from the task instead of memorizing it")
     optim = p.add_argument_group("optimization")
     optim.add_argument("--epochs", type=float, default=5, help="passes over the training trajectories (paper: 3)")
@@ -82,6 +82,15 @@ def read_trajectories(path) -> list:
     if not records:
         raise tools.UserError(f"{path} holds no trajectories: run build_trajectories.py first")
     return records
+
+
+def made_up_name(rng):
+    """A pronounceable name that is no real object's ("tavolin", "kesu brame"). A list of real names
+    would only be memorized; names the policy has never seen can only be copied from the task."""
+    def word():
+        return "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 3))) \
+            + rng.choice(["", "", "n", "r", "s", "x"])
+    return " ".join(word() for _ in range(1 if rng.random() < 0.8 else 2))
 
 
 def rename_item(record, name):
@@ -208,10 +217,6 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "metrics.jsonl", "a")
 
-    # other objects' names for renaming; never the evaluation categories', which stay unseen
-    held_out = set(tools.load_dataset(args.data, args.data_root, args.size).eval_categories)
-    aliases = sorted({c.replace("_", " ") for ds in tools.KnowledgeBase().data.values() for c in ds}
-                     - held_out - {r["category"] for r in train})
 
     # the loop: each step takes the next batch_size trajectories of a per-epoch shuffled order
     order = []
@@ -228,7 +233,7 @@ def main(argv=None):
     start = time.time()
     for step in bar:
         chosen = [train[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
-        chosen = [rename_item(r, rng.choice(aliases)) if rng.random() < args.rename_prob else r for r in chosen]
+        chosen = [rename_item(r, made_up_name(rng)) if rng.random() < args.rename_prob else r for r in chosen]
         batches = [policy.encode([r["messages"] for r in chosen[i:i + args.micro_batch]])
                    for i in range(0, len(chosen), args.micro_batch)]
         # the step's loss is a mean over all its assistant tokens, however they fall into micro-batches
