@@ -15,8 +15,8 @@ For every real anomaly (image, mask, type) of the training categories:
      (describing the next attempt, read from its mask: where, how large, how elongated, darker,
      brighter or which colour), MG on the final image, the answer. Thinking explains every step.
   4. with probability --ran-out-prob, a second trajectory from the same clean image for Algorithm 1's
-     other exit: --n-max weaker attempts that all fail, then MG on the best-judged one and an answer
-     with status "partial". Without it SFT never shows what to do when the attempts run out, and
+     other exit: --n-max weaker attempts that all fail, then MG on the last one (Algorithm 1's I_k)
+     and an answer with status "partial". Without it SFT never shows what to do when the attempts run out, and
      the policy keeps refining until max_turns (DECISION; the paper's data has only passing ends).
 
 Writes OUT/train.jsonl and OUT/val.jsonl (chat "messages" with images by path, plus "images" and
@@ -186,10 +186,12 @@ def build_one(toolbox, task, anomaly_image, mask, n_attempts, use_kr, rng, ran_o
     turn(f"Image 1 is a normal {item}. I need a local-edit prompt for a {kind}, so I call prompt_gen.",
          "prompt_gen", {"image": 1, "item_name": item, "anomaly_type": kind},
          reply=({"prompt": attempts[0][0]}, []))
-    review, knowledge, scores = None, None, {}
+    review, knowledge = None, None
     for m, (prompt, image) in enumerate(attempts):
         if m == 0:
-            thinking = f"The prompt asks for a {kind} on {entry['attributes']['part']}. I edit image 1 with it."
+            # no words copied from the prompt here: a small policy that starts copying it in the
+            # thinking runs on into the prompt's next words and never closes the tag
+            thinking = "prompt_gen wrote a local-edit prompt. I edit the original, image 1, with it as it is."
         else:
             thinking = (f"The review said: \"{review}\"" + (
                 f" The knowledge base says it is {knowledge['attributes']['tone']}, "
@@ -199,24 +201,21 @@ def build_one(toolbox, task, anomaly_image, mask, n_attempts, use_kr, rng, ran_o
                  reply=session.add_generated(image, prompt))["image_index"]
         result = turn(f"Image {k} is attempt {m + 1}. I check its location and quality with quality_eval.",
                       "quality_eval", {"anomaly_image": k, "item_name": item, "anomaly_type": kind})
-        score = scores[k] = result["score"]
+        score = result["score"]
         review = result["review"].split(". ", 1)[-1]   # what to change, without the verdict
         if m + 1 < len(attempts) and use_kr and knowledge is None:
             knowledge = turn(f"Score {score:g}/10 is below {tools.PASS_SCORE:g}. Before rewriting the prompt "
                              f"I look up how a {kind} on a {item} looks.", "knowledge_retrieval",
                              {"item_name": item, "anomaly_type": kind})
-    if ran_out:
-        best = max(scores, key=lambda i: (scores[i], i))   # the later one on a tie
+    if ran_out:   # Algorithm 1 keeps the last attempt, I_k: one index to carry, not a comparison
         why = (f"Score {score:g}/10 is below {tools.PASS_SCORE:g}, and image {k} was attempt {len(attempts)}, "
-               f"my last. Of my {len(attempts)} attempts, image {best} scored best ({scores[best]:g}/10), "
-               "so I keep it")
-        k = best
+               "my last, so I keep it")
     else:
         why = f"Image {k} scored {score:g}/10, which passes"
     mask_result = turn(f"{why}. I extract its mask with mask_gen.", "mask_gen", {"anomaly_image": k})
     messages.append({"role": "assistant", "content": tools.format_answer(
         f"The mask covers {100 * mask_result['area_fraction']:.1f}% of the image. Image {k} is the "
-        + (f"best of my {len(attempts)} attempts." if ran_out else "result."),
+        + (f"last of my {len(attempts)} attempts." if ran_out else "result."),
         {"status": "partial" if ran_out else "success", "final_image_index": k, "mask_generated": True,
          "synthesis_logic": f"a {kind} on the {item} after {len(attempts)} attempt(s)"})})
     return messages, session.images, len(attempts)

@@ -76,6 +76,10 @@ def get_args(argv=None):
     optim.add_argument("--steps", type=int, default=12, help="GRPO steps (rollout + update)")
     optim.add_argument("--lr", type=float, default=None,
                        help="AdamW learning rate (default: 1e-6 full, 1e-5 LoRA; models under 100M: 1e-4)")
+    optim.add_argument("--warmup-steps", type=int, default=4,
+                       help="GRPO steps of linear lr warmup (Adam's first updates are full-lr sign steps)")
+    optim.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                       help="after warmup: keep the lr, or decay it to 0 by the last step")
     optim.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range of rho")
     optim.add_argument("--kl-coef", type=float, default=0.04, help="weight of the k3 KL to the SFT policy")
     optim.add_argument("--ppo-epochs", type=int, default=2, help="passes over each replay buffer (paper: 2)")
@@ -248,6 +252,16 @@ def update(policy, reference, optimizer, params, buffer, args, autocast):
         {"tokens": int(total / args.ppo_epochs)}
 
 
+def lr_at(step, lr, args) -> float:
+    """Linear warmup over --warmup-steps, then constant or a cosine decay to 0 at the last step."""
+    if step < args.warmup_steps:
+        return lr * (step + 1) / args.warmup_steps
+    if args.lr_schedule == "cosine":
+        done = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+        return lr * 0.5 * (1 + math.cos(math.pi * done))
+    return lr
+
+
 # ---- evaluation, logging and checkpoints --------------------------------------------------------
 
 def summarize(records, parts, prefix="") -> dict:
@@ -382,7 +396,11 @@ def main(argv=None):
         parts = score(records, args)
         advantages, keep = grpo_advantages([p["total"] for p in parts], args.group_size)
         buffer = [(r["messages"], float(a)) for r, a, k in zip(records, advantages, keep) if k]
-        entry = {"step": step + 1, **summarize(records, parts), "groups_kept": int(keep.sum()) // args.group_size}
+        step_lr = lr_at(step, lr, args)
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr
+        entry = {"step": step + 1, **summarize(records, parts), "groups_kept": int(keep.sum()) // args.group_size,
+                 "lr": step_lr}
         if buffer:
             try:
                 entry.update(update(policy, reference, optimizer, params, buffer, args, autocast))

@@ -131,6 +131,26 @@ def sft_args(trajectories, toy_root, out, *extra):
             "--micro-batch", "2", "--eval-every", "2", "--rollouts", "1", "--max-turns", "2", *extra]
 
 
+def test_renaming_uses_made_up_names_everywhere_but_the_system_prompt():
+    import random
+    import sft
+    names = [sft.made_up_name(random.Random(7)) for _ in range(2)]
+    assert names[0] == names[1]                                    # deterministic for a seed
+    rng = random.Random(0)
+    made_up = {sft.made_up_name(rng) for _ in range(200)}
+    known = {c.replace("_", " ") for ds in tools.KnowledgeBase().data.values() for c in ds}
+    assert len(made_up) > 150 and not made_up & known              # varied, and never a real object
+    record = {"category": "metal_nut", "messages": [
+        {"role": "system", "content": "tools for any metal nut"},
+        {"role": "user", "content": [{"type": "image", "image": "1.png"},
+                                     {"type": "text", "text": "Item: metal nut. Anomaly type: scratch."}]},
+        {"role": "assistant", "content": '<thinking>A metal nut.</thinking>{"item_name": "metal nut"}'}]}
+    renamed = sft.rename_item(record, "pufidax")["messages"]
+    assert renamed[0]["content"] == "tools for any metal nut"
+    assert renamed[1]["content"][1]["text"] == "Item: pufidax. Anomaly type: scratch."
+    assert renamed[2]["content"] == '<thinking>A pufidax.</thinking>{"item_name": "pufidax"}'
+
+
 def test_sft_smoke_full_and_lora(trajectories, toy_root, tmp_path):
     for mode in ("off", "on"):
         out = tmp_path / mode
