@@ -15,7 +15,9 @@ Each step:
    signal and are dropped;
 4. update: the step's kept trajectories form the replay buffer; --ppo-epochs passes over it in
    mini-batches, each an AdamW step on the clipped surrogate minus the k3 KL to the frozen SFT
-   policy, a token mean over the tokens the policy wrote.
+   policy, a token mean over the tokens the policy wrote. The learning rate warms up linearly over
+   --warmup-steps: Adam's first update moves every weight by the full learning rate whatever the
+   gradient's size, and on the tiny policy that one step alone cost a KL of 0.2 (README).
 Every --eval-every steps (and before the first) greedy episodes on held-out prompts (the training
 categories' test normal images, never RL prompts) give the held-out mean reward and final QE score. OUT gets metrics.jsonl (one line per
 step), reward_curve.png, run_config.json, checkpoint.pt (every --save-every steps; --resume
@@ -28,7 +30,6 @@ recomputed by a forward pass at the start of the update, not kept from sampling.
 import argparse
 import copy
 import json
-import math
 import os
 import random
 import sys
@@ -78,8 +79,6 @@ def get_args(argv=None):
                        help="AdamW learning rate (default: 1e-6 full, 1e-5 LoRA; models under 100M: 1e-4)")
     optim.add_argument("--warmup-steps", type=int, default=4,
                        help="GRPO steps of linear lr warmup (Adam's first updates are full-lr sign steps)")
-    optim.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
-                       help="after warmup: keep the lr, or decay it to 0 by the last step")
     optim.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range of rho")
     optim.add_argument("--kl-coef", type=float, default=0.04, help="weight of the k3 KL to the SFT policy")
     optim.add_argument("--ppo-epochs", type=int, default=2, help="passes over each replay buffer (paper: 2)")
@@ -253,13 +252,8 @@ def update(policy, reference, optimizer, params, buffer, args, autocast):
 
 
 def lr_at(step, lr, args) -> float:
-    """Linear warmup over --warmup-steps, then constant or a cosine decay to 0 at the last step."""
-    if step < args.warmup_steps:
-        return lr * (step + 1) / args.warmup_steps
-    if args.lr_schedule == "cosine":
-        done = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-        return lr * 0.5 * (1 + math.cos(math.pi * done))
-    return lr
+    """Linear warmup over --warmup-steps, then constant."""
+    return lr * (step + 1) / args.warmup_steps if step < args.warmup_steps else lr
 
 
 # ---- evaluation, logging and checkpoints --------------------------------------------------------

@@ -154,15 +154,12 @@ def test_rl_smoke_and_ablation_flags(tiny_model_dir, toy_root, tmp_path):
     assert config["tools"] == "PG,IG,QE,MG"
 
 
-def test_learning_rate_warms_up_then_stays_or_decays():
+def test_learning_rate_warms_up_then_stays():
     def schedule(**flags):
         args = rl.get_args([f"--{k.replace('_', '-')}={v}" for k, v in flags.items()])
         return [rl.lr_at(step, 1.0, args) for step in range(args.steps)]
     assert schedule(steps=6, warmup_steps=2) == pytest.approx([0.5, 1, 1, 1, 1, 1])
     assert schedule(steps=6, warmup_steps=0) == pytest.approx([1] * 6)
-    cosine = schedule(steps=6, warmup_steps=2, lr_schedule="cosine")
-    assert cosine[:3] == pytest.approx([0.5, 1, 1]) and cosine[3] == pytest.approx(0.5 * (1 + 2 ** -0.5))
-    assert all(a > b > 0 for a, b in zip(cosine[2:], cosine[3:]))   # falls, never to 0 while training
 
 
 def test_nan_loss_stops_the_step_and_keeps_the_last_good_checkpoint(tiny_model_dir, toy_root, tmp_path,
