@@ -16,8 +16,8 @@ For every real anomaly (image, mask, type) of the training categories:
      brighter or which colour), MG on the final image, the answer. Thinking explains every step.
   4. with probability --ran-out-prob, a second trajectory from the same clean image for Algorithm 1's
      other exit: --n-max weaker attempts that all fail, then MG on the last one (Algorithm 1's I_k)
-     and an answer with status "partial". Without it SFT never shows what to do when the attempts run out, and
-     the policy keeps refining until max_turns (DECISION; the paper's data has only passing ends).
+     and an answer with status "partial". Without it SFT never shows what to do when the attempts
+     run out, and the policy refines until max_turns (DECISION; the paper's data only ends on a pass).
 
 Writes OUT/train.jsonl and OUT/val.jsonl (chat "messages" with images by path, plus "images" and
 "tools": the format TRL and LLaMA-Factory read) and the images under OUT/images/.
@@ -161,13 +161,14 @@ def build_one(toolbox, task, anomaly_image, mask, n_attempts, use_kr, rng, ran_o
     if toolbox.judge.evaluate(task.image, anomaly_image, task.kind, entry)["score"] < tools.PASS_SCORE:
         return None
     generic, detailed = weak_prompts(entry, final_prompt, rng)
+    n_failing = n_attempts if ran_out else n_attempts - 1
     attempts = []
-    for i in range(n_attempts if ran_out else n_attempts - 1):
+    for i in range(n_failing):
         found = failing_attempt(toolbox, task, entry, [generic] if i == 0 else detailed, rng)
         if found is None:
             break
         attempts.append(found)
-    if ran_out and len(attempts) < n_attempts:
+    if ran_out and len(attempts) < n_failing:
         return None
     if not ran_out:
         attempts.append((final_prompt, anomaly_image))

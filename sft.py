@@ -85,7 +85,7 @@ def read_trajectories(path) -> list:
 
 
 def made_up_name(rng):
-    """A pronounceable name that is no real object's ("tavolin", "kesu brame"). A list of real names
+    """A pronounceable name that is no real object's ("pufidax", "nukavu totas"). A list of real names
     would only be memorized; names the policy has never seen can only be copied from the task."""
     def word():
         return "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 3))) \
@@ -216,7 +216,6 @@ def main(argv=None):
         else (lambda: torch.autocast("cpu", enabled=False))
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "metrics.jsonl", "a")
-
 
     # the loop: each step takes the next batch_size trajectories of a per-epoch shuffled order
     order = []
