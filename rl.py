@@ -19,9 +19,10 @@ Each step:
    --warmup-steps: Adam's first update moves every weight by the full learning rate whatever the
    gradient's size, and on the tiny policy that one step alone cost a KL of 0.2 (README).
 Every --eval-every steps (and before the first) greedy episodes on held-out prompts (the training
-categories' test normal images, never RL prompts) give the held-out mean reward and final QE score. OUT gets metrics.jsonl (one line per
-step), reward_curve.png, run_config.json, checkpoint.pt (every --save-every steps; --resume
-continues from it) and, at the end, the model (--policy OUT in synthesize.py) and summary.json.
+categories' test normal images, never RL prompts) give the held-out mean reward and final QE
+score. OUT gets metrics.jsonl (one line per step), reward_curve.png, run_config.json,
+checkpoint.pt (every --save-every steps; --resume continues from it) and, at the end, the model
+(--policy OUT in synthesize.py) and summary.json.
 
 Simplifies: the policy's replies are stored as text and re-tokenized for training, so a turn is
 scored in the tokenizer's canonical split of the text the policy sampled; the old log-probs are
@@ -60,7 +61,7 @@ def get_args(argv=None):
     model.add_argument("--max-new-tokens", type=int, default=384, help="longest assistant turn")
     rollout = p.add_argument_group("rollout")
     rollout.add_argument("--group-size", type=int, default=8, help="episodes per prompt, G (paper: 8)")
-    rollout.add_argument("--prompts-per-step", type=int, default=2, help="prompts per step (paper: 16, a buffer of 128)")
+    rollout.add_argument("--prompts-per-step", type=int, default=4, help="prompts per step (paper: 16, a buffer of 128)")
     rollout.add_argument("--temperature", type=float, default=None,
                          help="sampling temperature (default: the paper's 1.0; models under 100M: 0.7, see README)")
     rollout.add_argument("--max-turns", type=int, default=10, help="turns per episode")
@@ -74,21 +75,21 @@ def get_args(argv=None):
     reward.add_argument("--lambda-t", type=float, default=rewards.LAMBDA_T, help="penalty per turn beyond --t-max")
     reward.add_argument("--t-max", type=int, default=rewards.T_MAX, help="turns without penalty")
     optim = p.add_argument_group("optimization")
-    optim.add_argument("--steps", type=int, default=12, help="GRPO steps (rollout + update)")
+    optim.add_argument("--steps", type=int, default=10, help="GRPO steps (rollout + update)")
     optim.add_argument("--lr", type=float, default=None,
-                       help="AdamW learning rate (default: 1e-6 full, 1e-5 LoRA; models under 100M: 1e-4)")
+                       help="AdamW learning rate (default: 1e-6 full, 1e-5 LoRA; models under 100M: 3e-5)")
     optim.add_argument("--warmup-steps", type=int, default=4,
                        help="GRPO steps of linear lr warmup (Adam's first updates are full-lr sign steps)")
     optim.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range of rho")
     optim.add_argument("--kl-coef", type=float, default=0.04, help="weight of the k3 KL to the SFT policy")
     optim.add_argument("--ppo-epochs", type=int, default=2, help="passes over each replay buffer (paper: 2)")
-    optim.add_argument("--minibatch", type=int, default=8, help="trajectories per optimizer step")
+    optim.add_argument("--minibatch", type=int, default=16, help="trajectories per optimizer step")
     optim.add_argument("--micro-batch", type=int, default=4, help="trajectories per forward pass")
     optim.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip")
     run = p.add_argument_group("run")
     run.add_argument("--out", default="runs/rl", help="output folder")
-    run.add_argument("--eval-every", type=int, default=6, help="steps between held-out evaluations (0: only at the end)")
-    run.add_argument("--eval-per-type", type=int, default=2, help="held-out episodes per (training category, type), on test normal images")
+    run.add_argument("--eval-every", type=int, default=5, help="steps between held-out evaluations (0: only at the end)")
+    run.add_argument("--eval-per-type", type=int, default=4, help="held-out episodes per (training category, type), on test normal images")
     run.add_argument("--save-every", type=int, default=1, help="steps between checkpoints")
     run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     run.add_argument("--seed", type=int, default=0, help="seed of prompts, sampling and tools")
@@ -117,7 +118,7 @@ def load_models(args):
     else:
         frozen = copy.deepcopy(policy.model).eval().requires_grad_(False)
         reference = lambda: ModelSwap(policy, frozen)   # noqa: E731
-    lr = args.lr or (1e-4 if small else 1e-5 if use_lora else 1e-6)
+    lr = args.lr or (3e-5 if small else 1e-5 if use_lora else 1e-6)
     trainable = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
     print(f"policy {args.policy}: {n_params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained"
           f"{' (LoRA)' if use_lora else ''}, lr {lr:g}, temperature {args.temperature:g}")

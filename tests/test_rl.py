@@ -149,7 +149,7 @@ def test_rl_smoke_and_ablation_flags(tiny_model_dir, toy_root, tmp_path):
                 "seconds", "eval_reward_mean"} <= set(metrics[-1])
         assert (out / "reward_curve.png").stat().st_size > 0 and (out / "run_config.json").exists()
         assert tools.VLMPolicy.load(out).model is not None
-        assert [m["lr"] for m in metrics[1:]] == pytest.approx([1e-4 / 4, 1e-4 / 2])   # tiny lr, warming up
+        assert [m["lr"] for m in metrics[1:]] == pytest.approx([3e-5 / 4, 3e-5 / 2])   # tiny lr, warming up
     config = json.loads((tmp_path / "no-kr" / "run_config.json").read_text())
     assert config["tools"] == "PG,IG,QE,MG"
 

@@ -1,0 +1,82 @@
+"""
+benchmarks/heldout.py -- rl.py's held-out prompts played by several policies, greedy (what rl.py
+reports) and sampled at the training temperature (what GRPO optimizes). Prints a table.
+
+    python benchmarks/heldout.py runs/sft runs/rl                      # 60 prompts, greedy + 2 samples each
+    python benchmarks/heldout.py runs/sft runs/rl --samples 4 --threads 1
+
+The prompts are rl.py's validation_prompts (the training categories' test normal images) with the
+same --seed and --eval-per-type, so the greedy column matches rl.py's eval_ numbers.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import rl      # noqa: E402
+import tools   # noqa: E402
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("policies", nargs="+", help="policy folders (runs/sft, runs/rl, ...)")
+    p.add_argument("--samples", type=int, default=2, help="sampled episodes per prompt (0: greedy only)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (rl.py's for the tiny policy)")
+    p.add_argument("--eval-per-type", type=int, default=4, help="prompts per (training category, type), as in rl.py")
+    p.add_argument("--seed", type=int, default=0, help="rl.py's --seed (the prompts) and the sampling seed")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 when the cores are shared)")
+    return p.parse_args(argv)
+
+
+def play(policy, dataset, plan, toolbox, temperature, copies) -> dict:
+    """copies episodes of every prompt at temperature (0: greedy), scored with rl.py's default weights."""
+    policy.temperature = temperature
+    tasks = []
+    for p in plan:
+        for j in range(copies):
+            task = tools.make_task(dataset, p)
+            task.id = f"{p['id']}/{j}"
+            tasks.append(task)
+    records = []
+    for i in range(0, len(tasks), 32):
+        records += tools.run_episodes(policy, tasks[i:i + 32], toolbox, 10)
+    return rl.summarize(records, rl.score(records, rl.get_args([])))
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dataset = tools.load_dataset("toy")
+    plan = rl.validation_prompts(dataset, args.eval_per_type, args.seed)
+    toolbox = tools.Toolbox()
+    rows = []
+    for path in args.policies:
+        started = time.time()
+        torch.manual_seed(args.seed)
+        policy = tools.load_policy(path, seed=args.seed)
+        policy.model.eval()
+        runs = [("greedy", play(policy, dataset, plan, toolbox, 0.0, 1))]
+        if args.samples:
+            runs.append((f"T={args.temperature:g} x{args.samples}",
+                         play(policy, dataset, plan, toolbox, args.temperature, args.samples)))
+        for how, s in runs:
+            rows.append((path, how, s))
+        print(f"{path}: {time.time() - started:.0f} s", file=sys.stderr)
+    print(f"\n{len(plan)} held-out prompts (rl.py --seed {args.seed} --eval-per-type {args.eval_per_type})\n")
+    print("| policy | decoding | reward | R_task | R_ref | R_beh | final QE | completed | well-formed turns |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for path, how, s in rows:
+        print(f"| {path} | {how} | {s['reward_mean']:.3f} | {s['task_mean']:.3f} | {s['reflection_mean']:.3f} | "
+              f"{s['behavior_mean']:.3f} | {s['final_qe']:.2f} | {s['completed']:.0%} | {s['well_formed']:.1%} |")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except tools.UserError as e:
+        sys.exit(f"error: {e}")
