@@ -272,9 +272,9 @@ def summarize(records, parts, prefix="") -> dict:
     return out
 
 
-def evaluate(policy, dataset, plan, toolbox, args) -> dict:
-    """Greedy episodes on the held-out (evaluation-group) prompts."""
-    temperature, policy.temperature = policy.temperature, 0.0
+def evaluate(policy, dataset, plan, toolbox, args, temperature=0.0) -> dict:
+    """Episodes on the held-out prompts, greedy unless a temperature is given (benchmarks/heldout.py)."""
+    temperature, policy.temperature = policy.temperature, temperature
     policy.model.eval()
     records = []
     for i in range(0, len(plan), 32):

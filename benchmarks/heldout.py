@@ -32,21 +32,6 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def play(policy, dataset, plan, toolbox, temperature, copies) -> dict:
-    """copies episodes of every prompt at temperature (0: greedy), scored with rl.py's default weights."""
-    policy.temperature = temperature
-    tasks = []
-    for p in plan:
-        for j in range(copies):
-            task = tools.make_task(dataset, p)
-            task.id = f"{p['id']}/{j}"
-            tasks.append(task)
-    records = []
-    for i in range(0, len(tasks), 32):
-        records += tools.run_episodes(policy, tasks[i:i + 32], toolbox, 10)
-    return rl.summarize(records, rl.score(records, rl.get_args([])))
-
-
 def main(argv=None):
     args = get_args(argv)
     if args.threads:
@@ -54,16 +39,17 @@ def main(argv=None):
     dataset = tools.load_dataset("toy")
     plan = rl.validation_prompts(dataset, args.eval_per_type, args.seed)
     toolbox = tools.Toolbox()
+    rl_args = rl.get_args([])   # rl.py's reward weights and --max-turns
     rows = []
     for path in args.policies:
         started = time.time()
         torch.manual_seed(args.seed)
         policy = tools.load_policy(path, seed=args.seed)
-        policy.model.eval()
-        runs = [("greedy", play(policy, dataset, plan, toolbox, 0.0, 1))]
+        runs = [("greedy", rl.evaluate(policy, dataset, plan, toolbox, rl_args))]
         if args.samples:
+            copies = [dict(p, id=f"{p['id']}/{j}") for p in plan for j in range(args.samples)]
             runs.append((f"T={args.temperature:g} x{args.samples}",
-                         play(policy, dataset, plan, toolbox, args.temperature, args.samples)))
+                         rl.evaluate(policy, dataset, copies, toolbox, rl_args, args.temperature)))
         for how, s in runs:
             rows.append((path, how, s))
         print(f"{path}: {time.time() - started:.0f} s", file=sys.stderr)
@@ -71,8 +57,9 @@ def main(argv=None):
     print("| policy | decoding | reward | R_task | R_ref | R_beh | final QE | completed | well-formed turns |")
     print("|---|---|---|---|---|---|---|---|---|")
     for path, how, s in rows:
-        print(f"| {path} | {how} | {s['reward_mean']:.3f} | {s['task_mean']:.3f} | {s['reflection_mean']:.3f} | "
-              f"{s['behavior_mean']:.3f} | {s['final_qe']:.2f} | {s['completed']:.0%} | {s['well_formed']:.1%} |")
+        print(f"| {path} | {how} | {s['eval_reward_mean']:.3f} | {s['eval_task_mean']:.3f} | "
+              f"{s['eval_reflection_mean']:.3f} | {s['eval_behavior_mean']:.3f} | {s['eval_final_qe']:.2f} | "
+              f"{s['eval_completed']:.0%} | {s['eval_well_formed']:.1%} |")
 
 
 if __name__ == "__main__":
