@@ -1,5 +1,5 @@
 """
-build_trajectories.py -- structured SFT trajectories by reverse synthesis (METHOD.md section 4).
+build_trajectories.py -- structured SFT trajectories by reverse synthesis (docs/METHOD.md section 4).
 
     python build_trajectories.py                                        # toy world, training group
     python build_trajectories.py --data visa --data-root /data/VisA     # the paper's setting
@@ -92,21 +92,20 @@ POSITIONS = [("top-left", 0, 0), ("top", 0, 1), ("top-right", 0, 2), ("left", 1,
              ("right", 1, 2), ("bottom-left", 2, 0), ("bottom", 2, 1), ("bottom-right", 2, 2)]
 
 
-def describe(clean, image, mask, entry, kind):
-    """A local-edit prompt that says what the change from clean to image shows."""
-    a = entry["attributes"]
+def describe(clean, image, mask, entry, kind) -> dict:
+    """The local-edit prompt's attributes (tools.local_edit_prompt) that say what the change from
+    clean to image shows: tone, colour, size, elongation, place, contrast."""
+    attrs = entry["attributes"]
     side = mask.shape[0]
     before, after = clean[mask].astype(np.float32), image[mask].astype(np.float32)
     dl = float(tools.luminance(after[None]).mean() - tools.luminance(before[None]).mean())
     chroma = (after - after.mean(1, keepdims=True)).mean(0)   # the defect's own colour, less its grey
     shift = chroma - (before - before.mean(1, keepdims=True)).mean(0)
-    colour = ""
+    colour = None
     if np.linalg.norm(chroma) > 15 and np.linalg.norm(shift) > 12:
         hue = lambda c: np.array(c, np.float32) - np.mean(c)
         colour = max(tools.HUES, key=lambda n: chroma @ hue(tools.COLOURS[n]) / np.linalg.norm(hue(tools.COLOURS[n])))
-    tone = "" if a["tone"] == "background" else "dark" if dl < -10 else "bright" if dl > 10 else ""
-    looks = " ".join(w for w in [tone, colour, tools.SHAPE_PHRASES[a["shape"]]] if w)
-    length = "long" if tools.elongation(mask) >= 2.5 else "across"
+    tone = None if attrs["tone"] == "background" else "dark" if dl < -10 else "bright" if dl > 10 else None
     cy, cx = ndimage.center_of_mass(mask)
     where = next(n for n, r, c in POSITIONS if r == min(int(3 * cy / side), 2) and c == min(int(3 * cx / side), 2))
     place = f"in the {where}"
@@ -114,27 +113,25 @@ def describe(clean, image, mask, entry, kind):
         fg = tools.foreground_mask(clean, kind)
         solid = ndimage.binary_fill_holes(fg)
         outline = ndimage.binary_dilation(solid & ~ndimage.binary_erosion(solid), iterations=2)
-        place = f"at the edge of {a['part']}" if (mask & outline).any() else f"in the {where}, away from the outline"
+        place = f"at the edge of {attrs['part']}" if (mask & outline).any() else f"in the {where}, away from the outline"
     contrast = np.abs(after - before).mean()
-    visibility = "clearly visible with high contrast" if contrast > 30 else "subtle but visible"
-    edges = "soft, blended edges" if a["edge"] == "soft" else "crisp edges"
-    return (f"Using the provided image, change only {a['part']} to introduce a "
-            f"{entry['type'].replace('_', ' ')}: a {looks} about {tools.extent_px(mask)} pixels {length}, "
-            f"{visibility}, with {edges}, {place}. Keep the rest of the image unchanged.")
+    return dict(anomaly_type=entry["type"], part=attrs["part"], shape=attrs["shape"], tone=tone, colour=colour,
+                size_px=tools.extent_px(mask), length="long" if tools.elongation(mask) >= 2.5 else "across",
+                visibility="clearly visible with high contrast" if contrast > 30 else "subtle but visible",
+                edges="soft, blended edges" if attrs["edge"] == "soft" else "crisp edges", place=place)
 
 
-def weak_prompts(entry, final_prompt, rng):
-    """Prompts a first try might use: bare and generic, or detailed with one thing wrong."""
-    a = entry["attributes"]
-    generic = (f"Using the provided image, change only {a['part']} to introduce a "
-               f"{entry['type'].replace('_', ' ')}: a {tools.SHAPE_PHRASES[a['shape']]}. "
-               "Keep the rest of the image unchanged.")
-    wrong = [final_prompt.replace("clearly visible with high contrast", "faint and subtle"),
-             final_prompt.replace("soft, blended edges", "sharp edges").replace("crisp edges", "soft, blended edges"),
-             final_prompt.replace(" dark ", " bright ") if " dark " in final_prompt else final_prompt.replace(" bright ", " dark ")]
-    size = int(final_prompt.split("about ")[1].split(" pixels")[0])
-    wrong.append(final_prompt.replace(f"about {size} pixels", f"about {int(size * rng.choice([0.35, 2.6]))} pixels"))
-    return generic, [wrong[i] for i in rng.permutation(len(wrong))]
+def weak_prompts(entry, final, rng):
+    """Prompts a first try might use: bare and generic, or the final attributes with one thing wrong
+    (faint, the other edges, the other tone, a size far off)."""
+    generic = tools.local_edit_prompt(entry["type"], entry["attributes"]["part"], entry["attributes"]["shape"])
+    flipped_edges = "sharp edges" if final["edges"] == "soft, blended edges" else "soft, blended edges"
+    flipped_tone = {"dark": "bright", "bright": "dark"}.get(final["tone"])
+    wrong = [dict(final, visibility="faint and subtle") if final["visibility"].startswith("clearly") else final,
+             dict(final, edges=flipped_edges),
+             dict(final, tone=flipped_tone),
+             dict(final, size_px=int(final["size_px"] * rng.choice([0.35, 2.6])))]
+    return generic, [tools.local_edit_prompt(**wrong[i]) for i in rng.permutation(len(wrong))]
 
 
 # ---- one trajectory -----------------------------------------------------------------------------
@@ -144,7 +141,7 @@ def failing_attempt(toolbox, task, entry, prompts, rng, tries=6):
     for prompt in prompts:
         for _ in range(tries):
             try:
-                image = toolbox.painter.edit(task.image, prompt, task.kind, rng)
+                image = toolbox.editor.edit(task.image, prompt, task.kind, rng)
             except tools.ToolError:
                 break
             if toolbox.judge.evaluate(task.image, image, task.kind, entry)["score"] < tools.PASS_SCORE:
@@ -156,11 +153,11 @@ def build_one(toolbox, task, anomaly_image, mask, n_attempts, use_kr, rng, ran_o
     """The trajectory's messages, or None when the real anomaly does not pass quality evaluation
     (or, with ran_out, when fewer than n_attempts failing attempts could be made)."""
     entry = toolbox.entry(task)
-    item, kind = task.category.replace("_", " "), task.anomaly_type.replace("_", " ")
-    final_prompt = describe(task.image, anomaly_image, mask, entry, task.kind)
+    item, defect = task.category.replace("_", " "), task.anomaly_type.replace("_", " ")
+    final = describe(task.image, anomaly_image, mask, entry, task.kind)
     if toolbox.judge.evaluate(task.image, anomaly_image, task.kind, entry)["score"] < tools.PASS_SCORE:
         return None
-    generic, detailed = weak_prompts(entry, final_prompt, rng)
+    generic, detailed = weak_prompts(entry, final, rng)
     n_failing = n_attempts if ran_out else n_attempts - 1
     attempts = []
     for i in range(n_failing):
@@ -171,7 +168,7 @@ def build_one(toolbox, task, anomaly_image, mask, n_attempts, use_kr, rng, ran_o
     if ran_out and len(attempts) < n_failing:
         return None
     if not ran_out:
-        attempts.append((final_prompt, anomaly_image))
+        attempts.append((tools.local_edit_prompt(**final), anomaly_image))
 
     session = toolbox.session(task)
     messages = [{"role": "system", "content": tools.system_prompt(toolbox.specs())}, tools.user_message(task)]
@@ -184,8 +181,8 @@ def build_one(toolbox, task, anomaly_image, mask, n_attempts, use_kr, rng, ran_o
         return result
 
     # prompt_gen is taken to have written attempt 1's prompt: the trajectory shows what it produced
-    turn(f"Image 1 is a normal {item}. I need a local-edit prompt for a {kind}, so I call prompt_gen.",
-         "prompt_gen", {"image": 1, "item_name": item, "anomaly_type": kind},
+    turn(f"Image 1 is a normal {item}. I need a local-edit prompt for a {defect}, so I call prompt_gen.",
+         "prompt_gen", {"image": 1, "item_name": item, "anomaly_type": defect},
          reply=({"prompt": attempts[0][0]}, []))
     review, knowledge = None, None
     for m, (prompt, image) in enumerate(attempts):
@@ -201,13 +198,13 @@ def build_one(toolbox, task, anomaly_image, mask, n_attempts, use_kr, rng, ran_o
         k = turn(thinking, "image_gen", {"prompt": prompt, "target_image": 1},
                  reply=session.add_generated(image, prompt))["image_index"]
         result = turn(f"Image {k} is attempt {m + 1}. I check its location and quality with quality_eval.",
-                      "quality_eval", {"anomaly_image": k, "item_name": item, "anomaly_type": kind})
+                      "quality_eval", {"anomaly_image": k, "item_name": item, "anomaly_type": defect})
         score = result["score"]
-        review = result["review"].split(". ", 1)[-1]   # what to change, without the verdict
+        review = result["review"].split(". ", 1)[-1]   # quoted in the thinking: the review less its verdict
         if m + 1 < len(attempts) and use_kr and knowledge is None:
             knowledge = turn(f"Score {score:g}/10 is below {tools.PASS_SCORE:g}. Before rewriting the prompt "
-                             f"I look up how a {kind} on a {item} looks.", "knowledge_retrieval",
-                             {"item_name": item, "anomaly_type": kind})
+                             f"I look up how a {defect} on a {item} looks.", "knowledge_retrieval",
+                             {"item_name": item, "anomaly_type": defect})
     if ran_out:   # Algorithm 1 keeps the last attempt, I_k: one index to carry, not a comparison
         why = (f"Score {score:g}/10 is below {tools.PASS_SCORE:g}, and image {k} was attempt {len(attempts)}, "
                "my last, so I keep it")
@@ -218,7 +215,7 @@ def build_one(toolbox, task, anomaly_image, mask, n_attempts, use_kr, rng, ran_o
         f"The mask covers {100 * mask_result['area_fraction']:.1f}% of the image. Image {k} is the "
         + (f"last of my {len(attempts)} attempts." if ran_out else "result."),
         {"status": "partial" if ran_out else "success", "final_image_index": k, "mask_generated": True,
-         "synthesis_logic": f"a {kind} on the {item} after {len(attempts)} attempt(s)"})})
+         "synthesis_logic": f"a {defect} on the {item} after {len(attempts)} attempt(s)"})})
     return messages, session.images, len(attempts)
 
 
@@ -234,7 +231,7 @@ def main(argv=None):
         raise tools.UserError(f"{out} already holds trajectories; pass another --out or delete it")
     dataset = tools.load_dataset(args.data, args.data_root, args.size)
     categories = tools.comma_list(args.categories, "--categories") if args.categories else dataset.train_categories
-    anomalies = [a for c in categories for a in dataset.anomalies[dataset.check_category(c)]]
+    anomalies = [anomaly for c in categories for anomaly in dataset.anomalies[dataset.check_category(c)]]
     if not anomalies:
         raise tools.UserError(f"no labelled anomalies with masks in {', '.join(categories)} of "
                               f"{dataset.root}: trajectories are built from real anomalies")
@@ -242,37 +239,37 @@ def main(argv=None):
     anomalies = [anomalies[i] for i in rng.permutation(len(anomalies))][:args.limit]
     toolbox = tools.Toolbox()
     splits, counts = {"train": [], "val": []}, Counter()
-    for a in tqdm(anomalies, desc="trajectories"):
-        record_id = f"{a.category}/{a.anomaly_type}/{a.image.stem}"
-        anomaly_image, mask = dataset.load(a.image), dataset.load_mask(a.mask)
+    for anomaly in tqdm(anomalies, desc="trajectories"):
+        record_id = f"{anomaly.category}/{anomaly.anomaly_type}/{anomaly.image.stem}"
+        anomaly_image, mask = dataset.load(anomaly.image), dataset.load_mask(anomaly.mask)
         if not mask.any():
             continue
-        task = tools.Task(id=record_id, category=a.category, anomaly_type=a.anomaly_type,
-                          image=remove_defect(anomaly_image, mask), kind=dataset.kinds[a.category],
+        task = tools.Task(id=record_id, category=anomaly.category, anomaly_type=anomaly.anomaly_type,
+                          image=remove_defect(anomaly_image, mask), kind=dataset.kinds[anomaly.category],
                           dataset=dataset.name, seed=tools.stable_seed(args.seed, record_id))
-        one = np.random.default_rng(task.seed)
-        built = build_one(toolbox, task, anomaly_image, mask, int(one.integers(1, args.n_max + 1)),
-                          bool(one.random() < args.kr_prob), one)
+        passing_rng = np.random.default_rng(task.seed)
+        built = build_one(toolbox, task, anomaly_image, mask, int(passing_rng.integers(1, args.n_max + 1)),
+                          bool(passing_rng.random() < args.kr_prob), passing_rng)
         if built is None:
             counts["skipped: real anomaly failed QE"] += 1
             continue
         variants = [(record_id, built, False)]
         # its own generator, so --ran-out-prob leaves the passing trajectories as they were
-        other = np.random.default_rng([task.seed, 1])
-        if other.random() < args.ran_out_prob:
+        ran_out_rng = np.random.default_rng([task.seed, 1])
+        if ran_out_rng.random() < args.ran_out_prob:
             ran_out = build_one(toolbox, task, anomaly_image, mask, args.n_max,
-                                bool(other.random() < args.kr_prob), other, ran_out=True)
+                                bool(ran_out_rng.random() < args.kr_prob), ran_out_rng, ran_out=True)
             if ran_out is not None:
                 variants.append((record_id + "-ran-out", ran_out, True))
         # both variants of one anomaly go to the same split
         split = "val" if tools.stable_seed("split", record_id) % 1000 < 1000 * args.val_fraction else "train"
         for variant_id, (messages, images, n), attempts_ran_out in variants:
             paths = tools.save_episode_images(messages, images, out, f"images/{variant_id}")
-            splits[split].append({"id": variant_id, "category": a.category, "anomaly_type": a.anomaly_type,
+            splits[split].append({"id": variant_id, "category": anomaly.category, "anomaly_type": anomaly.anomaly_type,
                                   "n_attempts": n, "attempts_ran_out": attempts_ran_out,
                                   "messages": messages, "images": paths, "tools": toolbox.specs()})
             counts[f"N={n}, attempts ran out" if attempts_ran_out else f"N={n}"] += 1
-            counts[a.category] += 1
+            counts[anomaly.category] += 1
     if not splits["train"]:
         raise tools.UserError("no trajectory could be built (every real anomaly failed quality evaluation)")
     for split, records in splits.items():

@@ -1,6 +1,6 @@
 """
 evaluate.py -- how good is a set of synthesized anomalies? The paper's evaluation protocol
-(METHOD.md section 7), run on several generated sets side by side.
+(docs/METHOD.md section 7), run on several generated sets side by side.
 
     python synthesize.py && python synthesize.py --method draem --out runs/synth-draem
     python evaluate.py --gen runs/synth runs/synth-draem                  # toy world, small preset
@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import tools
 
-# DECISION (METHOD.md 7 gives none for the toy world): sizes with which the 4-method comparison
+# DECISION (docs/METHOD.md 7 gives none for the toy world): sizes with which the 4-method comparison
 # (benchmarks/compare.py) took 14.5 min on 2 shared CPU cores; the paper preset is the paper's.
 PRESETS = {
     "paper": dict(epochs=30, loc_epochs=30, image_size=256, batch_size=8, lr=1e-4, unet_width=64,
@@ -311,7 +311,7 @@ def conv_block(cin, cout):
 
 
 class DiscriminativeUNet(nn.Module):
-    """DRAEM's discriminative sub-network (3 in, 2 out here: METHOD.md 7). Encoder: six blocks of
+    """DRAEM's discriminative sub-network (3 in, 2 out here: docs/METHOD.md 7). Encoder: six blocks of
     two 3x3 convolutions of width w, 2w, 4w, 8w, 8w, 8w, max-pooling between them. Decoder: five
     steps back up, each upsampling x2, a 3x3 convolution to width 8w, 4w, 2w, w, w, the encoder's
     map of that scale joined, two 3x3 convolutions; a last 3x3 convolution gives the two logits."""

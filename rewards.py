@@ -1,13 +1,13 @@
 """
-rewards.py -- the three rewards of multi-turn GRPO (METHOD.md section 6).
+rewards.py -- the three rewards of multi-turn GRPO (docs/METHOD.md section 6).
 
     R = alpha * R_task + beta * R_ref + gamma * R_beh
 
 Each reward reads one trajectory as tools.Episode.record() writes it (the same dict that
 synthesize.py saves in trajectories.jsonl), so any saved run can be re-scored. Every constant is an
-argument with METHOD.md's default; rl.py puts each on the command line.
+argument with docs/METHOD.md's default; rl.py puts each on the command line.
 
-Decisions where METHOD.md is terse:
+Decisions where docs/METHOD.md is terse:
 - R_task reads the score the judge gave the answered image during the episode; an answer naming an
   image the agent never judged earns 0, like no answer (the agent must check before it answers).
 - Phi depends on what came before, not only on the previous tool ("KR before a failed QE" looks at

@@ -1,5 +1,5 @@
 """
-rl.py -- multi-turn GRPO with the three rewards (METHOD.md sections 5-6), written by hand.
+rl.py -- multi-turn GRPO with the three rewards (docs/METHOD.md sections 5-6), written by hand.
 
     python build_trajectories.py && python sft.py && python rl.py     # toy world, tiny policy
     python rl.py --beta 0 --gamma 0 --out runs/rl-task-only           # ablation: task reward only
@@ -66,7 +66,7 @@ def get_args(argv=None):
                          help="sampling temperature (default: the paper's 1.0; models under 100M: 0.7, see README)")
     rollout.add_argument("--max-turns", type=int, default=10, help="turns per episode")
     rollout.add_argument("--tools", default="PG,IG,QE,KR,MG", help="tools the agent may call (ablations)")
-    reward = p.add_argument_group("rewards (METHOD.md 6)")
+    reward = p.add_argument_group("rewards (docs/METHOD.md 6)")
     reward.add_argument("--alpha", type=float, default=rewards.ALPHA, help="weight of R_task")
     reward.add_argument("--beta", type=float, default=rewards.BETA, help="weight of R_ref")
     reward.add_argument("--gamma", type=float, default=rewards.GAMMA, help="weight of R_beh")

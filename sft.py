@@ -1,5 +1,5 @@
 """
-sft.py -- supervised fine-tuning of the policy on structured trajectories (METHOD.md section 5).
+sft.py -- supervised fine-tuning of the policy on structured trajectories (docs/METHOD.md section 5).
 
     python build_trajectories.py && python sft.py        # toy world, tiny Qwen3-VL built from config
     python sft.py --data mvtec --data-root /data/mvtec_anomaly_detection \\

@@ -201,16 +201,14 @@ def write_overview(out, records, per_row=4) -> None:
 # ---- the baselines (--method): one function per method, (task, toolbox, rng) -> image, mask, notes
 
 METHODS = ("agent", "fixed-prompt", "draem", "cutpaste")
-# the "Gemini image model, fixed prompt" baseline of the paper: one generic instruction, no planning
-FIXED_PROMPT = "Using the provided image, add a realistic {defect} defect to the {item}."
 
 
 def fixed_prompt(task, toolbox, rng):
-    """One image_gen call with the fixed prompt and one mask_gen call: the same tool backends the
-    agent calls, without the agent."""
-    prompt = FIXED_PROMPT.format(defect=task.anomaly_type.replace("_", " "),
-                                 item=task.category.replace("_", " "))
-    edited = toolbox.painter.edit(task.image, prompt, task.kind, rng)
+    """The paper's "image model, fixed prompt" baseline: one image_gen call with the generic local-edit
+    prompt (the type and the item, no look, place or size) and one mask_gen call; the same tool
+    backends the agent calls, without the agent."""
+    prompt = tools.local_edit_prompt(task.anomaly_type, f"the {task.category.replace('_', ' ')}")
+    edited = toolbox.editor.edit(task.image, prompt, task.kind, rng)
     return edited, toolbox.segmenter.segment(task.image, edited), {"prompt": prompt}
 
 

@@ -1,17 +1,19 @@
 """
-tools.py -- everything the stages share, in the order data flows through the method:
+tools.py -- everything the stages share, in the order a reader needs it:
 
   1. Data: the toy world, MVTec-AD and VisA behind one small interface
-  2. Knowledge: the knowledge base (knowledge.json) and the image measurements the tools share
-  3. The five tools: prompt generation (PG), image generation (IG), quality evaluation (QE),
-     knowledge retrieval (KR), mask generation (MG), each with an offline backend
-  4. The agent protocol: system prompt, tool schemas, turn parser, observations
+  2. Knowledge: the knowledge base (knowledge.json), and attributes guessed for unknown types
+  3. The tools: their schemas, one small interface per backend (PromptWriter, ImageEditor, Judge,
+     Segmenter), the Toolbox that picks a backend per tool, and the session that numbers an
+     episode's images and serves the calls
+  4. The agent protocol: system prompt, tool schemas as the model sees them, turn parser, observations
   5. The episode runner: plays a policy against the tools, returns trajectory records
-  6. The expert (scripted) policy: the canonical tool order, the teacher and the no-training agent
+  6. The policies: the vision-language model wrapper (SFT, RL and synthesis share it), the tiny
+     policy built from config, and the expert (scripted) policy that teaches and baselines
 
-The offline backends need no downloaded weights and run on a laptop CPU. They are deliberately
-*measured* rather than learned: the painter reads defect words from the prompt, the judge measures
-the change it sees, so every decision the agent makes has a visible, checkable consequence.
+The method is described in docs/METHOD.md. The offline backends behind the tools (a prompt writer,
+a procedural painter, a measured judge, a difference segmenter) live in toy_world.py, with the toy
+dataset's renderer; this module imports them, and re-exports the few measurements stages use.
 """
 import json
 import re
@@ -19,13 +21,17 @@ import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import Image
-from scipy import ndimage
 
-from toy_world import TOY_CATEGORIES, render_anomaly, render_normal   # the toy world's renderer
+from toy_world import (  # the offline world: the toy dataset's renderer and the offline backends
+    COLOURS, FAMILY_DEFAULTS, HUES, SHAPE_PHRASES, TOY_CATEGORIES, DifferenceSegmenter, MeasuredJudge,
+    OfflinePromptWriter, ProceduralPainter, ToolError, background_colour, change_map, elongation,
+    extent_px, foreground_mask, guess_attributes, local_edit_prompt, luminance, region_mask,
+    render_anomaly, render_normal)
 
 HERE = Path(__file__).resolve().parent
 
@@ -116,7 +122,7 @@ class Dataset:
         return sorted(found, key=lambda a: a.image.name)
 
     def split(self, category, anomaly_type):
-        """The evaluation split (METHOD.md 7): anomalies sorted by file name, the first third (rounded
+        """The evaluation split (docs/METHOD.md 7): anomalies sorted by file name, the first third (rounded
         up) are few-shot references, the rest is the test set."""
         found = self.anomalies_of(category, anomaly_type)
         n_ref = (len(found) + 2) // 3
@@ -127,12 +133,6 @@ class Dataset:
             raise UserError(f"unknown category '{category}' in {self.name}; known: "
                             f"{', '.join(self.categories)}")
         return category
-
-    def check_type(self, category, anomaly_type):
-        if anomaly_type not in self.types(category):
-            raise UserError(f"unknown anomaly type '{anomaly_type}' for {category}; known: "
-                            f"{', '.join(self.types(category))}")
-        return anomaly_type
 
     def load(self, path):
         return load_image(path, self.image_size)
@@ -310,663 +310,6 @@ def generate_toy_world(root, size=128, seed=0, counts=TOY_COUNTS, categories=Non
     tmp.rename(root)
 
 
-# ==============================================================================================
-# 2. Knowledge, and the image measurements the tools share
-# ==============================================================================================
-
-def normalize_key(text) -> str:
-    """'Metal Nut' / 'metal-nut' / 'metal_nut' -> 'metal_nut'."""
-    return re.sub(r"[\s\-_]+", "_", str(text).strip().lower()).strip("_")
-
-
-class KnowledgeError(Exception):
-    pass
-
-
-class KnowledgeBase:
-    """What each defect looks like on each object, where it occurs and why (knowledge.json).
-
-    Entries are keyed dataset -> category -> type. Lookups tolerate case, spacing and underscores,
-    and prefer the task's own dataset, since the toy world reuses some MVTec-AD category names."""
-
-    def __init__(self, path=HERE / "knowledge.json"):
-        try:
-            self.data = json.loads(Path(path).read_text())["datasets"]
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"cannot read the knowledge base {path}: {e}") from None
-
-    def _find_category(self, category, dataset=None):
-        want = normalize_key(category).replace("_", "")
-        order = sorted(self.data, key=lambda d: d != dataset)
-        for ds in order:
-            for cat, entry in self.data[ds].items():
-                if cat.replace("_", "") == want:
-                    return ds, cat, entry
-        raise KnowledgeError(f"unknown item '{category}'; known items: "
-                             + ", ".join(sorted({c for d in self.data.values() for c in d})))
-
-    def lookup(self, category, anomaly_type, dataset=None) -> dict:
-        """The entry for (category, type), with the category's kind, object and part merged in."""
-        ds, cat, entry = self._find_category(category, dataset)
-        want = normalize_key(anomaly_type).replace("_", "")
-        for name, t in entry["types"].items():
-            if name.replace("_", "") == want:
-                return {"dataset": ds, "category": cat, "type": name, "kind": entry["kind"],
-                        "object": entry["object"], **t}
-        raise KnowledgeError(f"unknown anomaly type '{anomaly_type}' for {cat}; known types: "
-                             + ", ".join(sorted(entry["types"])))
-
-    def context(self, category, anomaly_type, dataset=None) -> str:
-        e = self.lookup(category, anomaly_type, dataset)
-        a = e["attributes"]
-        return (f"{e['type'].replace('_', ' ')} on {e['object']}: {e['description']} "
-                f"Where: {e['location']} Cause: {e['cause']} To synthesize it: {e['synthesis']} "
-                f"Typical size: {a['extent'][0]:.0%}-{a['extent'][1]:.0%} of the image side.")
-
-
-# A defect family for types the knowledge base does not know, from words in the type's name.
-FAMILY_WORDS = [
-    ("notch", r"missing|broken|chip|notch"),
-    ("crack", r"crack|fracture"),
-    ("slit", r"cut|slit|tear|gash|split"),
-    ("line", r"scratch|scrape|thread|stroke|streak|line"),
-    ("spot", r"hole|puncture|pit|poke|dent"),
-    ("blob", r"stain|contamina|particle|debris|residue|glue|oil|liquid|smear|blob|dirt|speck|spot"),
-    ("patch", r"discolou?r|colou?r|tint|patch|rough|print|fold|squeez"),
-]
-FAMILY_DEFAULTS = {  # extent, tone, edge
-    "notch": ([0.10, 0.25], "background", "crisp"), "crack": ([0.15, 0.45], "darker", "crisp"),
-    "slit": ([0.20, 0.45], "darker", "crisp"), "line": ([0.20, 0.55], "brighter", "crisp"),
-    "spot": ([0.04, 0.14], "darker", "crisp"), "blob": ([0.06, 0.25], "darker", "soft"),
-    "patch": ([0.10, 0.30], "colour", "soft"),
-}
-
-
-def guess_family(text, default=None):
-    for family, pattern in FAMILY_WORDS:
-        if re.search(rf"\b({pattern})", text.lower().replace("_", " ")):
-            return family
-    return default
-
-
-def guess_attributes(anomaly_type) -> dict:
-    """Attributes for a type that is not in the knowledge base, from its name alone."""
-    family = guess_family(anomaly_type, "blob")
-    extent, tone, edge = FAMILY_DEFAULTS[family]
-    return {"shape": family, "extent": extent, "tone": tone, "colour": None, "where": "anywhere",
-            "edge": edge, "part": "the surface"}
-
-
-COLOURS = {"black": (25, 25, 25), "white": (240, 240, 240), "grey": (128, 128, 128),
-           "gray": (128, 128, 128), "brown": (115, 70, 35), "red": (190, 40, 35),
-           "orange": (215, 120, 35), "yellow": (215, 195, 45), "green": (60, 150, 60),
-           "blue": (50, 85, 195), "purple": (125, 60, 155), "pink": (220, 130, 160)}
-
-
-HUES = ["brown", "red", "orange", "yellow", "green", "blue", "purple"]
-
-
-def luminance(image) -> np.ndarray:
-    return image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-
-
-def change_map(a, b) -> np.ndarray:
-    """Mean absolute difference over the colour channels, in grey levels (0-255)."""
-    return np.abs(a.astype(np.float32) - b.astype(np.float32)).mean(axis=2)
-
-
-def background_colour(image) -> np.ndarray:
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-    return np.median(border.astype(np.float32), axis=0)
-
-
-def foreground_mask(image, kind) -> np.ndarray:
-    """Object pixels: those far from the plain background's colour (the whole image for textures).
-    Enclosed regions are object too (a bottle's dark inside), unless they look like the background
-    seen through a hole (a washer's or a nut's centre)."""
-    if kind == "texture":
-        return np.ones(image.shape[:2], bool)
-    smooth = ndimage.uniform_filter(image.astype(np.float32), size=(3, 3, 1))
-    dist = np.linalg.norm(smooth - background_colour(image), axis=2)
-    threshold = 30.0   # grey levels: well above sensor noise, well below any object's contrast
-    fg = ndimage.binary_opening(dist > threshold, iterations=1)
-    labels, n = ndimage.label(fg)
-    if n == 0:
-        return np.ones(image.shape[:2], bool)
-    sizes = ndimage.sum(fg, labels, range(1, n + 1))
-    fg = np.isin(labels, 1 + np.flatnonzero(sizes >= 0.2 * sizes.max()))
-    holes, n_holes = ndimage.label(ndimage.binary_fill_holes(fg) & ~fg)
-    if n_holes:
-        unlike_background = ndimage.mean(dist, holes, range(1, n_holes + 1)) > 2 * threshold
-        fg |= np.isin(holes, 1 + np.flatnonzero(unlike_background))
-    return ndimage.binary_dilation(fg)   # the blurred outline belongs to the object
-def remove_small(mask, min_size) -> np.ndarray:
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return mask
-    sizes = ndimage.sum(mask, labels, range(1, n + 1))
-    return np.isin(labels, 1 + np.flatnonzero(sizes >= min_size))
-
-
-def elongation(mask) -> float:
-    """sqrt of the ratio of the principal axes of a region's pixel cloud (1 = round)."""
-    ys, xs = np.nonzero(mask)
-    if len(ys) < 3:
-        return 1.0
-    ev = np.linalg.eigvalsh(np.cov(np.stack([ys, xs])) + 0.1 * np.eye(2))
-    return float(np.sqrt(ev[1] / ev[0]))
-
-
-def extent_px(mask) -> int:
-    """The longest side of a region's bounding box, in pixels."""
-    ys, xs = np.nonzero(mask)
-    return int(max(ys.max() - ys.min(), xs.max() - xs.min()) + 1) if len(ys) else 0
-
-
-# ==============================================================================================
-# 3. The five tools
-# ==============================================================================================
-
-class ToolError(Exception):
-    """A tool call the tool cannot serve; the runner turns it into an error observation."""
-
-
-class CallError(ToolError):
-    """A malformed call (unknown or disabled tool, missing argument): also a format error."""
-
-
-TOOL_NAMES = {"PG": "prompt_gen", "IG": "image_gen", "QE": "quality_eval",
-              "KR": "knowledge_retrieval", "MG": "mask_gen"}
-
-
-def parse_tools_flag(text) -> list:
-    """--tools PG,IG,QE,MG (short or full names) -> full tool names; image_gen is always needed."""
-    names = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name = TOOL_NAMES.get(item.upper(), item)
-        if name not in TOOL_NAMES.values():
-            raise UserError(f"--tools: unknown tool '{item}'; use some of {','.join(TOOL_NAMES)}")
-        names.append(name)
-    if "image_gen" not in names:
-        raise UserError("--tools must include IG (image_gen): without it nothing is synthesized")
-    return [n for n in TOOL_NAMES.values() if n in names]
-
-
-def size_word(fraction) -> str:
-    return ("tiny" if fraction < 0.06 else "small" if fraction < 0.12 else
-            "medium-sized" if fraction < 0.25 else "large")
-
-
-SHAPE_PHRASES = {"line": "thin scratch line", "crack": "jagged crack", "slit": "narrow cut slit",
-                 "spot": "round hole", "blob": "irregular blob", "patch": "discoloured patch",
-                 "notch": "missing chunk broken off"}
-
-
-class OfflinePromptWriter:
-    """PG backend: a local-edit prompt from general knowledge of the defect type.
-
-    Like a language model writing without retrieval, it knows what the defect is called, which part
-    it belongs on and its general family (a hole is a dark round spot), but not this dataset's
-    specifics (which colour, how large, where exactly, how it blends): those are what knowledge
-    retrieval adds when the agent refines a failed attempt."""
-
-    def write(self, entry, rng) -> str:
-        shape = entry["attributes"]["shape"]
-        extent, tone, _ = FAMILY_DEFAULTS[shape]
-        tone = {"darker": "dark", "brighter": "bright"}.get(tone, "")
-        type_name = entry["type"].replace("_", " ")
-        looks = " ".join(w for w in [size_word(float(np.mean(extent)) * rng.uniform(0.7, 1.3)), tone,
-                                     SHAPE_PHRASES[shape]] if w)
-        return (f"Using the provided image, change only {entry['attributes']['part']} to introduce a "
-                f"{type_name}: {'an' if looks[0] in 'aeiou' else 'a'} {looks}. "
-                "Keep the rest of the image unchanged.")
-
-
-@dataclass
-class PaintSpec:
-    """What the painter read from a prompt."""
-    family: str
-    tone: str
-    colour: tuple | None
-    strength: float
-    extent: float        # longest dimension, pixels
-    width: float         # stroke width of line-like defects, pixels
-    soft: bool
-    place: str | None    # edge | rim | inside | interior | center | top-left | ... | None (anywhere)
-
-
-def _has(text, pattern):
-    return re.search(rf"\b({pattern})\b", text) is not None
-
-
-class ProceduralPainter:
-    """IG backend: paints the defect a prompt describes, as a local edit of the original image.
-
-    It reads shape, darkness/colour, contrast, size, stroke width, edge softness and place words.
-    Whatever the prompt leaves open is sampled at random, as a real image generator would, so
-    vague prompts give variable results and precise prompts give consistent ones."""
-
-    def read(self, prompt, side, rng) -> PaintSpec:
-        whole = prompt.lower()
-        # "change only <part> to introduce a <type>: <description>": the look is read from the
-        # description, so a type or part name ("missing_wire", "thread") does not override it
-        text = whole.split(":", 1)[1] if ":" in whole else whole
-        family = next((f for f, phrase in SHAPE_PHRASES.items() if phrase in text), None) \
-            or guess_family(text) or guess_family(whole)
-        if family is None:
-            raise ToolError("the prompt names no defect; describe its shape, e.g. 'a thin scratch', "
-                            "'a jagged crack', 'a dark round hole', 'a brown stain'")
-        colour_word = next((c for c in COLOURS if _has(text, c)), None)
-        if family == "notch" or _has(text, "background shows|material removed"):
-            tone = "background"
-        elif _has(text, "dark|darker|black|shadowed|deep"):
-            tone = "darker"
-        elif _has(text, "bright|brighter|white|shiny|specular|pale|light"):
-            tone = "brighter"
-        elif colour_word or family == "patch":
-            tone = "colour"
-        else:
-            tone = rng.choice(["darker", "brighter"])
-        if _has(text, "faint|subtle|slight|barely visible"):
-            strength = rng.uniform(0.15, 0.3)
-        elif _has(text, "clearly visible|strong|high-contrast|high contrast|pronounced|distinct|vivid"):
-            strength = rng.uniform(0.8, 0.95)
-        else:
-            strength = rng.uniform(0.15, 0.95)
-        px = re.search(r"(\d+(?:\.\d+)?)\s*(?:px|pixels?)\b", text)
-        words = {"tiny": (0.03, 0.06), "small": (0.06, 0.12), "medium": (0.12, 0.25),
-                 "large": (0.25, 0.45), "long": (0.3, 0.55)}
-        if px:   # clamped: a policy asking for a 10^9-pixel crack gets the largest sensible one
-            extent = min(float(px.group(1)), 2.0 * side) * rng.uniform(0.92, 1.08)
-        else:
-            lo, hi = next((r for w, r in words.items() if _has(text, w)), (0.04, 0.5))
-            extent = rng.uniform(lo, hi) * side
-        scale = side / 128
-        if _has(text, "hairline|thin|fine|narrow"):
-            width = rng.uniform(1.0, 1.6) * scale
-        elif _has(text, "wide|thick|broad"):
-            width = rng.uniform(3.0, 5.0) * scale
-        else:
-            width = rng.uniform(1.0, 4.0) * scale
-        if family == "notch":   # broken-off material always leaves a clean outline
-            soft = False
-        elif _has(text, "soft|blended|feathered|diffuse|gradual|fading"):
-            soft = True
-        elif _has(text, "sharp|crisp|hard|clean"):
-            soft = False
-        else:
-            soft = bool(rng.random() < 0.5)
-        # the place may be named anywhere, the part included ("the bottle rim", "the inside of")
-        if family == "notch" or _has(whole, "at the edge|on the edge|along the edge|at the outline|touching the outline"):
-            place = "edge"
-        elif _has(whole, "rim|border|band"):
-            place = "rim"
-        elif _has(whole, "inside|interior"):
-            place = "inside"
-        elif _has(whole, "away from the outline|away from the edges?"):
-            place = "interior"
-        else:
-            place = next((p for p in ("top-left", "top-right", "bottom-left", "bottom-right",
-                                      "center", "centre", "middle", "top", "bottom", "left", "right")
-                          if _has(whole, p)), None)
-        colour = COLOURS[colour_word] if colour_word else None
-        return PaintSpec(family, tone, colour, float(strength), float(max(extent, 2.0)),
-                         float(min(width, side / 4)), soft, place)
-
-    def edit(self, image, prompt, kind, rng, region=None) -> np.ndarray:
-        side = image.shape[0]
-        spec = self.read(prompt, side, rng)
-        fg = foreground_mask(image, kind)
-        support = fg.copy()
-        if spec.place in ("interior", "rim", "inside") and kind == "object":
-            support = ndimage.binary_erosion(fg, iterations=max(2, round(3 * side / 128)))
-        if region is not None:
-            support &= _region_mask(region, image.shape[:2])
-        if not support.any():
-            raise ToolError("there is no room for the defect where the prompt and region put it")
-        anchor = self._anchor(spec, fg, support, rng)
-        alpha = self._shape(spec, anchor, image.shape[:2], rng)
-        if spec.soft:   # a soft line is only slightly blurred; a soft stain fades over its radius
-            line_like = spec.family in ("line", "crack", "slit")
-            alpha = ndimage.gaussian_filter(alpha, side / 128 if line_like else max(1.0, 0.12 * spec.extent))
-            alpha = np.clip(alpha / max(alpha.max(), 1e-6), 0, 1)
-        else:
-            alpha = ndimage.gaussian_filter(alpha, 0.5)
-        alpha[alpha < 0.03] = 0
-        alpha *= support
-        return self._apply(image, spec, alpha, rng)
-
-    def _anchor(self, spec, fg, support, rng):
-        h, w = fg.shape
-        if spec.place == "edge":
-            solid = ndimage.binary_fill_holes(fg)   # the outer outline, not a nut's central hole
-            candidates = solid & ~ndimage.binary_erosion(solid) & support
-            if not candidates.any():
-                candidates = support
-        elif spec.place in ("rim", "inside"):   # near the outer outline, or far from it
-            depth = ndimage.distance_transform_edt(ndimage.binary_fill_holes(fg))
-            near = depth < 0.08 * h + 3
-            candidates = support & (near if spec.place == "rim" else depth > 0.5 * depth.max())
-            if not candidates.any():
-                candidates = support
-        elif spec.place in ("center", "centre", "middle", "top-left", "top-right", "bottom-left",
-                            "bottom-right", "top", "bottom", "left", "right"):
-            fy = 0.25 if "top" in spec.place else 0.75 if "bottom" in spec.place else 0.5
-            fx = 0.25 if "left" in spec.place else 0.75 if "right" in spec.place else 0.5
-            yy, xx = np.mgrid[:h, :w]
-            near = (np.abs(yy / h - fy) < 0.15) & (np.abs(xx / w - fx) < 0.15) & support
-            candidates = near if near.any() else support
-        else:
-            # keep the defect's centre far enough from the image border that it stays whole
-            margin = int(min(spec.extent / 2, h / 4))
-            inner = np.zeros_like(support)
-            inner[margin:h - margin, margin:w - margin] = True
-            candidates = support & inner if (support & inner).any() else support
-        ys, xs = np.nonzero(candidates)
-        i = rng.integers(len(ys))
-        return float(ys[i]), float(xs[i])
-
-    def _shape(self, spec, anchor, shape, rng) -> np.ndarray:
-        """Coverage (0-1) of the defect's footprint, before blending."""
-        cy, cx = anchor
-        L, h, w = spec.extent, *shape
-        yy, xx = np.mgrid[:h, :w].astype(np.float32)
-        angle = rng.uniform(0, np.pi)
-        d = np.array([np.sin(angle), np.cos(angle)])
-        if spec.family in ("line", "slit", "crack"):
-            if spec.family == "crack":
-                points = _random_walk(anchor, angle, L, rng)
-                width = min(spec.width, 1.6 * h / 128)
-            else:
-                t = np.linspace(-0.5, 0.5, int(4 * L) + 2)[:, None]
-                bend = rng.uniform(-0.2, 0.2) * L if spec.family == "line" else 0.0
-                normal = np.array([-d[1], d[0]])
-                points = np.array(anchor) + t * L * d + (1 - 4 * t ** 2) * bend * normal
-                width = spec.width if spec.family == "line" else max(spec.width, 2.0 * h / 128)
-            canvas = np.ones(shape, bool)
-            iy = np.clip(np.round(points[:, 0]).astype(int), 0, h - 1)
-            ix = np.clip(np.round(points[:, 1]).astype(int), 0, w - 1)
-            canvas[iy, ix] = False
-            dist = ndimage.distance_transform_edt(canvas)
-            return np.clip(width / 2 + 0.5 - dist, 0, 1).astype(np.float32)
-        # compact families: a noisy ellipse (spot, notch) or a thresholded noise field (blob, patch)
-        a = L / 2
-        b = a * (rng.uniform(0.75, 1.0) if spec.family in ("spot", "notch") else rng.uniform(0.55, 0.9))
-        u = ((yy - cy) * d[0] + (xx - cx) * d[1]) / a
-        v = (-(yy - cy) * d[1] + (xx - cx) * d[0]) / b
-        r = np.sqrt(u ** 2 + v ** 2)
-        roughness = 0.08 if spec.family in ("spot", "notch") else 0.45
-        noise = ndimage.gaussian_filter(rng.standard_normal(shape), max(1.0, L / 8))
-        noise /= noise.std() + 1e-6
-        return ((1 - r + roughness * noise) > 0).astype(np.float32)
-
-    def _apply(self, image, spec, alpha, rng) -> np.ndarray:
-        img = image.astype(np.float32)
-        lum = luminance(image)[..., None]
-        if spec.tone == "background":
-            target = np.broadcast_to(background_colour(image), img.shape) + rng.normal(0, 2, img.shape)
-            strength = 1.0
-        else:
-            strength = spec.strength
-            if spec.tone == "darker":
-                target = img * (0.1 if spec.family == "spot" else 0.2)
-                if spec.colour is not None:
-                    target = 0.5 * target + 0.5 * np.array(spec.colour) * (0.3 + 0.7 * lum / 255)
-            elif spec.tone == "brighter":
-                target = img + (255 - img) * 0.85
-            elif spec.family in ("blob", "spot"):   # foreign matter: its own colour, lit like the surface
-                c = np.array(spec.colour if spec.colour is not None else COLOURS[rng.choice(HUES)], np.float32)
-                target = c * (0.75 + 0.25 * lum / max(float(lum.mean()), 1.0))
-            else:  # a discolouration: a hue change that keeps the surface's shading and texture
-                c = np.array(spec.colour if spec.colour is not None else COLOURS[rng.choice(HUES)], np.float32)
-                target = c * lum / max(luminance(c[None, None].astype(np.uint8)).item(), 1.0)
-            target = target + rng.normal(0, 4, img.shape)   # grain, so the defect is not flat
-        a = (alpha * strength)[..., None]
-        out = np.where(a > 0, img + (target - img) * a, img)
-        return np.clip(np.round(out), 0, 255).astype(np.uint8)
-
-
-def _random_walk(anchor, angle, length, rng):
-    """A jagged crack: a wandering path through the anchor plus a side branch."""
-    def walk(start, heading, n):
-        pts, p = [], np.array(start, float)
-        for _ in range(int(n)):
-            heading += rng.normal(0, 0.35)
-            p = p + np.array([np.sin(heading), np.cos(heading)])
-            pts.append(p.copy())
-        return pts
-    half = length / 2
-    a = walk(anchor, angle, half)
-    b = walk(anchor, angle + np.pi, half)
-    trunk = a[::-1] + [np.array(anchor)] + b
-    fork = trunk[rng.integers(len(trunk))]
-    branch = walk(fork, angle + rng.choice([-1, 1]) * rng.uniform(0.5, 1.2), 0.35 * half)
-    return np.array(trunk + branch)
-
-
-def _region_mask(region, shape):
-    try:
-        x0, y0, x1, y1 = (int(round(float(v))) for v in region)
-    except (TypeError, ValueError, OverflowError):
-        raise ToolError("region must be [x0, y0, x1, y1] in pixels") from None
-    m = np.zeros(shape, bool)
-    m[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
-    if not m.any():
-        raise ToolError(f"region {region} is empty or outside the {shape[1]}x{shape[0]} image")
-    return m
-
-
-class MeasuredJudge:
-    """QE backend: scores an edit by measuring the change between the normal and the edited image.
-
-    location_score (0-5): the change is on the object, at a plausible place, at a plausible size.
-    quality_score (0-5): it is visible, local, looks like its type (darker / brighter / hue, line or
-    compact), and blends in (soft types have no hard pasted edges). score = location + quality.
-    The review says, in plain sentences, what to change."""
-
-    def evaluate(self, normal, edited, kind, entry) -> dict:
-        a, name = entry["attributes"], entry["type"].replace("_", " ")
-        side = normal.shape[0]
-        scale = side / 128
-        d = change_map(normal, edited)
-        changed = remove_small(ndimage.gaussian_filter(d, 0.7) > 10, max(3, 4 * scale ** 2))
-        if not changed.any():
-            return {"location_score": 0.0, "quality_score": 0.0, "score": 0.0,
-                    "review": f"No visible change was found; the {name} is missing. "
-                              "Make it clearly visible with high contrast."}
-        # the defect: the largest group of changed pixels, pieces a few pixels apart (a line broken
-        # up by the texture) counted as one
-        groups, n = ndimage.label(ndimage.binary_dilation(changed, iterations=max(2, round(2 * scale))))
-        main = changed & (groups == 1 + int(np.argmax(ndimage.sum(changed, groups, range(1, n + 1)))))
-        fg = foreground_mask(normal, kind)
-        issues = []   # (points lost, sentence)
-
-        # location: on the object, at a plausible place, at a plausible size
-        on_object = (changed & fg).sum() / changed.sum()
-        issues.append((2.0 * (1 - on_object), f"Part of the change lies on the background; "
-                                              f"move it onto {a['part']}."))
-        place = 1.0
-        if kind == "object" and a["where"] == "edge":
-            solid = ndimage.binary_fill_holes(fg)
-            outline = ndimage.binary_dilation(solid & ~ndimage.binary_erosion(solid),
-                                              iterations=max(1, round(2 * scale)))
-            place = float((main & outline).any())
-            issues.append((1.5 * (1 - place), f"The {name} should touch the outline of the object; "
-                                              f"place it at the edge of {a['part']}."))
-        elif kind == "object" and a["where"] == "interior":
-            depth = ndimage.distance_transform_edt(fg)
-            place = float(np.clip((np.mean(depth[changed] >= 2 * scale) - 0.8) / 0.2, 0, 1))
-            issues.append((1.5 * (1 - place), f"The {name} touches the outline of the object; keep it "
-                                              f"away from the outline, on {a['part']}."))
-        lo, hi = a["extent"]
-        extent = extent_px(main) / side
-        good = round(float(np.mean(a["extent"])) * side)
-        if extent < 0.8 * lo:
-            size_ok = max(0.0, 2 * extent / (0.8 * lo) - 1)
-            issues.append((1.5 * (1 - size_ok), f"The {name} is too small (about {extent_px(main)} px); "
-                                                 f"make it about {good} px."))
-        elif extent > 1.25 * hi:
-            size_ok = max(0.0, 2 - extent / (1.25 * hi))
-            issues.append((1.5 * (1 - size_ok), f"The {name} is too large (about {extent_px(main)} px); "
-                                                 f"make it about {good} px."))
-        else:
-            size_ok = 1.0
-        location = 5 * on_object * (0.1 + 0.9 * place) * (0.3 + 0.7 * size_ok)
-
-        # quality: visible, local, the right appearance, blended
-        contrast = float(d[main].mean())
-        visible = float(np.clip((contrast - 10) / 20, 0, 1))
-        issues.append((1.5 * (1 - visible) + 1.0, f"The {name} is too faint to see; make it clearly "
-                                                  "visible with high contrast.") if visible < 1 else (0, ""))
-        zone = ndimage.binary_dilation(main, iterations=max(2, round(3 * scale)))
-        spill = d[~zone].sum() / max(d.sum(), 1e-6)
-        confined = float(np.clip(1 - (spill - 0.05) / 0.25, 0, 1)) * (changed.mean() < 0.35)
-        issues.append((1.25 * (1 - confined), "Pixels outside the defect changed as well; keep the "
-                                              "rest of the image unchanged."))
-        tone_ok = self._tone(normal, edited, main, a)
-        issues.append((0.6 * (1 - tone_ok), self._tone_advice(name, a)))
-        shape_ok = self._shape(main, a["shape"], scale)
-        issues.append((0.6 * (1 - shape_ok), self._shape_advice(name, a["shape"])))
-        blended = 1.0
-        if a["edge"] == "soft":
-            # a pasted patch changes abruptly: the change map is steep along the defect's contour
-            smooth = ndimage.gaussian_filter(d, 0.7)
-            peak = np.percentile(d[main], 90)
-            core = smooth > 0.5 * peak
-            contour = core & ~ndimage.binary_erosion(core)
-            if contour.any():
-                steepness = np.hypot(*np.gradient(smooth))[contour].mean() / max(peak, 1e-6)
-                blended = float(np.clip((0.27 - steepness) / 0.08, 0, 1))
-            else:   # no body to blend (a hairline): it cannot read as a soft stain
-                blended = 0.0
-            issues.append((1.5 * (1 - blended), f"The {name} has hard pasted-on edges; blend its "
-                                                 "border softly into the surface."))
-        # a rubric, not a sum: a faint, spilled or pasted-looking defect is not rescued by the rest
-        quality = (5 * visible * (0.4 + 0.6 * confined) * (0.15 + 0.85 * tone_ok)
-                   * (0.4 + 0.6 * shape_ok) * (0.45 + 0.55 * blended))
-        location_score, quality_score = round(location, 1), round(quality, 1)
-        score = round(location_score + quality_score, 1)
-        advice = [s for lost, s in sorted(issues, key=lambda x: -x[0]) if lost > 0.05 and s]
-        verdict = (f"A plausible {name} on {a['part']}." if not advice else
-                   f"The {name} is not convincing yet." if score < 6 else
-                   f"A plausible {name}, with room to improve.")
-        return {"location_score": location_score, "quality_score": quality_score, "score": score,
-                "review": " ".join([verdict] + advice)}
-
-    @staticmethod
-    def _tone(normal, edited, region, a) -> float:
-        before = normal[region].astype(np.float32)
-        after = edited[region].astype(np.float32)
-        dl = float((luminance(after[None]) - luminance(before[None])).mean())
-        if a["tone"] == "darker":
-            return float(np.clip(-dl / 15, 0, 1))
-        if a["tone"] == "brighter":
-            return float(np.clip(dl / 15, 0, 1))
-        if a["tone"] == "background":
-            bg = background_colour(normal)
-            gone = np.linalg.norm(after - bg, axis=1).mean() / max(np.linalg.norm(before - bg, axis=1).mean(), 1e-6)
-            return float(np.clip((0.8 - gone) / 0.3, 0, 1))
-        # colour: the hue must change, and the new chroma (colour minus its grey level) must point
-        # towards the named colour; comparing the shift alone would let any desaturation of a brown
-        # surface pass for blue
-        chroma = lambda x: x - x.mean(axis=-1, keepdims=True)
-        new_chroma = chroma(after).mean(0)
-        moved = float(np.clip(np.linalg.norm(new_chroma - chroma(before).mean(0)) / 20, 0, 1))
-        if a["colour"] in COLOURS:
-            want = chroma(np.array(COLOURS[a["colour"]], np.float32))
-            cos = new_chroma @ want / (np.linalg.norm(new_chroma) * np.linalg.norm(want) + 1e-6)
-            return float(np.clip((cos - 0.5) / 0.3, 0, 1)) * moved
-        return moved
-
-    @staticmethod
-    def _tone_advice(name, a):
-        return {"darker": f"The {name} should be darker than the surrounding surface; make it dark.",
-                "brighter": f"The {name} should be brighter than the surrounding surface; make it bright.",
-                "background": "The removed part should show the background; remove the material cleanly.",
-                "colour": f"The colour change does not read as {a['colour'] or 'a new hue'}; "
-                          f"tint it clearly {a['colour'] or 'in another colour'}."}[a["tone"]]
-
-    @staticmethod
-    def _shape(region, family, scale) -> float:
-        el = elongation(region)
-        if family in ("line", "crack", "slit"):
-            rim = region & ~ndimage.binary_erosion(region)
-            width = 2 * region.sum() / max(rim.sum(), 1)     # area / half the perimeter
-            max_width = (7 if family == "slit" else 5) * scale
-            return float(np.clip((el - 1.5) / 1.5, 0, 1) * np.clip((1.5 * max_width - width) / (0.5 * max_width), 0, 1))
-        if family == "spot":
-            return float(np.clip((3.0 - el) / 0.8, 0, 1))
-        if family in ("blob", "patch"):
-            return float(np.clip((5.0 - el) / 1.5, 0, 1))
-        return 1.0
-
-    @staticmethod
-    def _shape_advice(name, family):
-        if family in ("line", "crack", "slit"):
-            return f"The {name} is too wide or compact; make it a thin, long line."
-        if family == "spot":
-            return f"The {name} is too elongated; make it a compact round spot."
-        return f"The {name} is too stretched; make it a compact irregular blob."
-
-
-class DifferenceSegmenter:
-    """MG backend: the mask of what changed between the normal image and the edited one
-    (smoothing, a threshold, small-component removal, holes filled)."""
-
-    def __init__(self, threshold=8.0):
-        self.threshold = threshold   # grey levels of mean absolute change
-
-    def segment(self, normal, edited) -> np.ndarray:
-        side = normal.shape[0]
-        d = ndimage.gaussian_filter(change_map(normal, edited), 1.0)
-        mask = ndimage.binary_closing(d > self.threshold, iterations=1)
-        mask = remove_small(mask, max(4, int(0.0005 * side * side)))
-        return ndimage.binary_fill_holes(mask)
-
-
-TOOL_SCHEMAS = {
-    "prompt_gen": {
-        "description": "Write a local-edit prompt for synthesizing the anomaly on the normal image.",
-        "parameters": {"image": ("integer", "index of the normal image, 1"),
-                       "item_name": ("string", "the object category, e.g. hazelnut"),
-                       "anomaly_type": ("string", "the defect type, e.g. hole")},
-        "required": ["image", "item_name", "anomaly_type"]},
-    "image_gen": {
-        "description": "Edit the target image as the prompt says; returns the new image's index.",
-        "parameters": {"prompt": ("string", "the local-edit instruction"),
-                       "target_image": ("integer", "index of the image to edit; always 1, the original"),
-                       "region": ("array", "optional [x0, y0, x1, y1] box in pixels to confine the edit")},
-        "required": ["prompt", "target_image"]},
-    "quality_eval": {
-        "description": "Judge a synthesized anomaly: location 0-5 + quality 0-5 = score 0-10, and a review.",
-        "parameters": {"anomaly_image": ("integer", "index of the image to judge"),
-                       "item_name": ("string", "the object category"),
-                       "anomaly_type": ("string", "the defect type")},
-        "required": ["anomaly_image", "item_name", "anomaly_type"]},
-    "knowledge_retrieval": {
-        "description": "What this defect looks like on this object, where it occurs and why.",
-        "parameters": {"item_name": ("string", "the object category"),
-                       "anomaly_type": ("string", "the defect type")},
-        "required": ["item_name", "anomaly_type"]},
-    "mask_gen": {
-        "description": "Binary mask of what changed between image 1 and the anomaly image.",
-        "parameters": {"anomaly_image": ("integer", "index of the final anomaly image")},
-        "required": ["anomaly_image"]},
-}
-
-
-def tool_spec(name) -> dict:
-    """An OpenAI-style function spec, as the model sees it inside <tools>."""
-    s = TOOL_SCHEMAS[name]
-    props = {}
-    for arg, (typ, desc) in s["parameters"].items():
-        props[arg] = {"type": typ, "description": desc}
-        if typ == "array":
-            props[arg]["items"] = {"type": "number"}
-    return {"type": "function", "function": {"name": name, "description": s["description"],
-            "parameters": {"type": "object", "properties": props, "required": s["required"]}}}
-
-
 @dataclass
 class Task:
     """One synthesis job: a normal image, its category and the anomaly type to put on it."""
@@ -1020,16 +363,173 @@ def make_task(dataset, planned) -> "Task":
                 dataset=dataset.name, seed=planned["seed"], image_path=str(planned["path"]))
 
 
-class Toolbox:
-    """The five tools with their backends; `session(task)` gives the per-episode state."""
+# ==============================================================================================
+# 2. Knowledge
+# ==============================================================================================
 
-    def __init__(self, enabled=tuple(TOOL_NAMES.values()), knowledge=None):
+def normalize_key(text) -> str:
+    """'Metal Nut' / 'metal-nut' / 'metal_nut' -> 'metal_nut'."""
+    return re.sub(r"[\s\-_]+", "_", str(text).strip().lower()).strip("_")
+
+
+class KnowledgeError(Exception):
+    pass
+
+
+class KnowledgeBase:
+    """What each defect looks like on each object, where it occurs and why (knowledge.json).
+
+    Entries are keyed dataset -> category -> type. Lookups tolerate case, spacing and underscores,
+    and prefer the task's own dataset, since the toy world reuses some MVTec-AD category names."""
+
+    def __init__(self, path=HERE / "knowledge.json"):
+        try:
+            self.data = json.loads(Path(path).read_text())["datasets"]
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"cannot read the knowledge base {path}: {e}") from None
+
+    def _find_category(self, category, dataset=None):
+        want = normalize_key(category).replace("_", "")
+        order = sorted(self.data, key=lambda d: d != dataset)
+        for ds in order:
+            for cat, entry in self.data[ds].items():
+                if cat.replace("_", "") == want:
+                    return ds, cat, entry
+        raise KnowledgeError(f"unknown item '{category}'; known items: "
+                             + ", ".join(sorted({c for d in self.data.values() for c in d})))
+
+    def lookup(self, category, anomaly_type, dataset=None) -> dict:
+        """The entry for (category, type), with the category's kind, object and part merged in."""
+        ds, cat, entry = self._find_category(category, dataset)
+        want = normalize_key(anomaly_type).replace("_", "")
+        for name, t in entry["types"].items():
+            if name.replace("_", "") == want:
+                return {"dataset": ds, "category": cat, "type": name, "kind": entry["kind"],
+                        "object": entry["object"], **t}
+        raise KnowledgeError(f"unknown anomaly type '{anomaly_type}' for {cat}; known types: "
+                             + ", ".join(sorted(entry["types"])))
+
+    def context(self, category, anomaly_type, dataset=None) -> str:
+        entry = self.lookup(category, anomaly_type, dataset)
+        low, high = entry["attributes"]["extent"]
+        return (f"{entry['type'].replace('_', ' ')} on {entry['object']}: {entry['description']} "
+                f"Where: {entry['location']} Cause: {entry['cause']} To synthesize it: {entry['synthesis']} "
+                f"Typical size: {low:.0%}-{high:.0%} of the image side.")
+
+# ==============================================================================================
+# 3. The tools: schemas, backend interfaces, the toolbox and the per-episode session
+# ==============================================================================================
+# Each tool is served by a backend that implements one small interface below; a new backend (a
+# diffusion editor, a vision-language judge, an HTTP endpoint) is one class with that method. The
+# offline backends of toy_world.py are the defaults. A backend raises ToolError (from toy_world.py)
+# for a request it cannot serve; the runner shows the agent that error instead of a result.
+#
+# `entry` is a knowledge entry as KnowledgeBase.lookup returns it (or guessed for an unknown type):
+# keys "type", "object", "kind" (texture | object) and "attributes" (shape, extent, tone, colour,
+# where, edge, part), plus "description", "location", "cause", "synthesis" when the base knows it.
+
+class PromptWriter(Protocol):
+    """PG: a local-edit prompt for putting the entry's defect on the normal image."""
+    def write(self, normal: np.ndarray, entry: dict, rng: np.random.Generator) -> str: ...
+
+
+class ImageEditor(Protocol):
+    """IG: the image edited as the prompt says (HxWx3 uint8, the input's size). region, when the agent
+    gives one, is an [x0, y0, x1, y1] box the edit must stay inside; kind is texture | object."""
+    def edit(self, image: np.ndarray, prompt: str, kind: str, rng: np.random.Generator,
+             region=None) -> np.ndarray: ...
+
+
+class Judge(Protocol):
+    """QE: how well the candidate shows the entry's defect on the normal image. Returns a dict with
+    "score" (0-10, the pass mark is PASS_SCORE) and "review" (prose); the paper's rubric adds
+    "location_score" (0-5) and "quality_score" (0-5), with score their sum; and optionally "advice":
+    the review's fixes as data (keys as MeasuredJudge documents them), which a scripted policy can
+    act on. A judge that writes only prose leaves the advice out."""
+    def evaluate(self, normal: np.ndarray, candidate: np.ndarray, kind: str, entry: dict) -> dict: ...
+
+
+class Segmenter(Protocol):
+    """MG: the HxW bool mask of the defect, from the normal image and the edited one."""
+    def segment(self, normal: np.ndarray, edited: np.ndarray) -> np.ndarray: ...
+
+
+class CallError(ToolError):
+    """A malformed call (unknown or disabled tool, missing argument): also a format error."""
+
+
+TOOL_NAMES = {"PG": "prompt_gen", "IG": "image_gen", "QE": "quality_eval",
+              "KR": "knowledge_retrieval", "MG": "mask_gen"}
+
+
+def parse_tools_flag(text) -> list:
+    """--tools PG,IG,QE,MG (short or full names) -> full tool names; image_gen is always needed."""
+    names = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name = TOOL_NAMES.get(item.upper(), item)
+        if name not in TOOL_NAMES.values():
+            raise UserError(f"--tools: unknown tool '{item}'; use some of {','.join(TOOL_NAMES)}")
+        names.append(name)
+    if "image_gen" not in names:
+        raise UserError("--tools must include IG (image_gen): without it nothing is synthesized")
+    return [n for n in TOOL_NAMES.values() if n in names]
+
+
+TOOL_SCHEMAS = {
+    "prompt_gen": {
+        "description": "Write a local-edit prompt for synthesizing the anomaly on the normal image.",
+        "parameters": {"image": ("integer", "index of the normal image, 1"),
+                       "item_name": ("string", "the object category, e.g. hazelnut"),
+                       "anomaly_type": ("string", "the defect type, e.g. hole")},
+        "required": ["image", "item_name", "anomaly_type"]},
+    "image_gen": {
+        "description": "Edit the target image as the prompt says; returns the new image's index.",
+        "parameters": {"prompt": ("string", "the local-edit instruction"),
+                       "target_image": ("integer", "index of the image to edit; always 1, the original"),
+                       "region": ("array", "optional [x0, y0, x1, y1] box in pixels to confine the edit")},
+        "required": ["prompt", "target_image"]},
+    "quality_eval": {
+        "description": "Judge a synthesized anomaly: location 0-5 + quality 0-5 = score 0-10, and a review.",
+        "parameters": {"anomaly_image": ("integer", "index of the image to judge"),
+                       "item_name": ("string", "the object category"),
+                       "anomaly_type": ("string", "the defect type")},
+        "required": ["anomaly_image", "item_name", "anomaly_type"]},
+    "knowledge_retrieval": {
+        "description": "What this defect looks like on this object, where it occurs and why.",
+        "parameters": {"item_name": ("string", "the object category"),
+                       "anomaly_type": ("string", "the defect type")},
+        "required": ["item_name", "anomaly_type"]},
+    "mask_gen": {
+        "description": "Binary mask of what changed between image 1 and the anomaly image.",
+        "parameters": {"anomaly_image": ("integer", "index of the final anomaly image")},
+        "required": ["anomaly_image"]},
+}
+
+
+def tool_spec(name) -> dict:
+    """An OpenAI-style function spec, as the model sees it inside <tools>."""
+    s = TOOL_SCHEMAS[name]
+    props = {}
+    for arg, (typ, desc) in s["parameters"].items():
+        props[arg] = {"type": typ, "description": desc}
+        if typ == "array":
+            props[arg]["items"] = {"type": "number"}
+    return {"type": "function", "function": {"name": name, "description": s["description"],
+            "parameters": {"type": "object", "properties": props, "required": s["required"]}}}
+
+
+class Toolbox:
+    """The enabled tools and one backend per tool (the offline ones unless given);
+    `session(task)` gives the per-episode state."""
+
+    def __init__(self, enabled=tuple(TOOL_NAMES.values()), knowledge=None, prompt_writer=None,
+                 editor=None, judge=None, segmenter=None):
         self.enabled = list(enabled)
         self.knowledge = knowledge or KnowledgeBase()
-        self.prompt_writer = OfflinePromptWriter()
-        self.painter = ProceduralPainter()
-        self.judge = MeasuredJudge()
-        self.segmenter = DifferenceSegmenter()
+        self.prompt_writer: PromptWriter = prompt_writer or OfflinePromptWriter()
+        self.editor: ImageEditor = editor or ProceduralPainter()
+        self.judge: Judge = judge or MeasuredJudge()
+        self.segmenter: Segmenter = segmenter or DifferenceSegmenter()
 
     def specs(self):
         return [tool_spec(n) for n in self.enabled]
@@ -1091,7 +591,7 @@ class ToolSession:
     def prompt_gen(self, image, item_name, anomaly_type):
         self._image(image, want="any")
         entry = self.box.entry(self.task, item_name, anomaly_type)
-        return {"prompt": self.box.prompt_writer.write(entry, self.rng)}, []
+        return {"prompt": self.box.prompt_writer.write(self.images[0], entry, self.rng)}, []
 
     def image_gen(self, prompt, target_image, region=None):
         if not isinstance(prompt, str) or not prompt.strip():
@@ -1099,7 +599,7 @@ class ToolSession:
         k = self._image(target_image, want="any")
         if self.sources[k - 1] == "mask":
             raise ToolError(f"image {k} is a mask; edit image 1, the original")
-        return self.add_generated(self.box.painter.edit(self.images[k - 1], prompt, self.task.kind, self.rng, region),
+        return self.add_generated(self.box.editor.edit(self.images[k - 1], prompt, self.task.kind, self.rng, region),
                                   prompt)
 
     def add_generated(self, image, prompt):
@@ -1143,7 +643,7 @@ class ToolSession:
 # 4. The agent protocol
 # ==============================================================================================
 
-PASS_SCORE = 6.0   # DECISION (METHOD.md 2): an image passes quality evaluation at score >= 6 of 10
+PASS_SCORE = 6.0   # DECISION (docs/METHOD.md 2): an image passes quality evaluation at score >= 6 of 10
 
 SYSTEM_PROMPT = """You are AnomalyAgent, an industrial-inspection expert who synthesizes realistic \
 defects on images of normal products, to train anomaly detectors.
@@ -1326,7 +826,7 @@ class Episode:
             "messages": self.messages, "turns": self.turns,
             "tool_calls": [t["tool"] or t["action"] for t in self.turns],
             "attempts": attempts,
-            "qe_scores": [a["score"] for a in attempts if a["score"] is not None],
+            "qe_scores": [attempt["score"] for attempt in attempts if attempt["score"] is not None],
             "answer": self.answer, "final_image_index": final,
             "final_score": s.scores.get(final), "mask_index": mask_index,
             "num_turns": len(self.turns), "stop_reason": self.stop_reason,
@@ -1405,166 +905,11 @@ def run_episodes(policy, tasks, toolbox, max_turns=10, on_finish=None) -> list:
 
 
 # ==============================================================================================
-# 6. The expert (scripted) policy
+# 6. The policies: the vision-language model wrapper, the tiny policy, the expert
 # ==============================================================================================
-
-class ExpertPolicy:
-    """Follows the canonical order (METHOD.md 2): PG -> IG -> QE [-> KR -> refine -> IG -> QE]...
-    -> MG -> answer, and explains every step in its thinking. It decides from the conversation
-    alone, like a language model would: the tools from the system prompt, the task from the user
-    message, everything else from the observations."""
-    name = "expert"
-
-    def __init__(self, seed=0, max_attempts=3):
-        self.seed, self.max_attempts = seed, max_attempts
-
-    def act(self, conversations) -> list:
-        return [self.next_turn(messages) for messages in conversations]
-
-    def next_turn(self, messages) -> str:
-        available = system_tools(messages)
-        m = re.search(r"Item: (.*?)\. Anomaly type: (.*?)\. Image size: (\d+)x", message_text(messages[1]))
-        item, defect, side = m.group(1), m.group(2), int(m.group(3))
-        history = []   # (tool name, arguments, result) of every call so far
-        for msg, reply in zip(messages[2::2], messages[3::2]):
-            turn = parse_turn(msg["content"])
-            if turn.call:
-                history.append((turn.call["name"], turn.call["arguments"], json.loads(message_text(reply))))
-        rng = np.random.default_rng([self.seed, stable_seed(*(message_text(m) for m in messages))])
-        attempts = [r["image_index"] for name, _, r in history if name == "image_gen" and "image_index" in r]
-        scores = {r["image_index"]: r for name, _, r in history if name == "quality_eval" and "score" in r}
-        knowledge = next((r for name, _, r in history if name == "knowledge_retrieval" and "attributes" in r), None)
-        last = history[-1] if history else None
-
-        if last is None:
-            if "prompt_gen" in available:
-                return format_call(
-                    f"Image 1 is a normal {item}. To put a realistic {defect} on it I first need a "
-                    "precise local-edit prompt that names the part, shape, colour and size, so I "
-                    "call prompt_gen.", "prompt_gen", {"image": 1, "item_name": item, "anomaly_type": defect})
-            return self._generate(item, defect, side, None, [], rng, "There is no prompt tool, so I "
-                                  "write the edit prompt myself from what I know of this defect.")
-        name, args, result = last
-        if "error" in result and name == "knowledge_retrieval":
-            return self._refine(item, defect, side, None, history, rng)
-        if "error" in result:
-            if sum("error" in r for _, _, r in history) > 2 or not attempts:
-                return self._generate(item, defect, side, knowledge, [], rng,
-                                      f"The last call failed ({result['error']}). I write a "
-                                      "complete prompt myself and generate again.")
-            return self._finish(available, attempts, scores, note=f"The last call failed "
-                                f"({result['error']}), so I stop refining and keep what I have.")
-        if name == "prompt_gen":
-            return format_call(
-                f"prompt_gen wrote: \"{result['prompt']}\" It names the part and the look of the "
-                f"{defect}. I edit the original image (image 1) with it.",
-                "image_gen", {"prompt": result["prompt"], "target_image": 1})
-        if name == "image_gen":
-            k = result["image_index"]
-            if "quality_eval" in available:
-                return format_call(
-                    f"Image {k} is attempt {len(attempts)}. Before I accept it I need an independent "
-                    "judgement of where the defect sits and how real it looks, so I call quality_eval.",
-                    "quality_eval", {"anomaly_image": k, "item_name": item, "anomaly_type": defect})
-            return self._finish(available, attempts, scores, note="There is no quality tool, so I "
-                                f"keep image {k}.")
-        if name == "quality_eval":
-            s, k = result["score"], result["image_index"]
-            if s >= PASS_SCORE or len(attempts) >= self.max_attempts:
-                why = (f"Image {k} scored {s:g}/10 (location {result['location_score']:g}, quality "
-                       f"{result['quality_score']:g}), which passes the threshold of {PASS_SCORE:g}."
-                       if s >= PASS_SCORE else
-                       f"Image {k} scored {s:g}/10, below {PASS_SCORE:g}, and I have used all "
-                       f"{self.max_attempts} attempts.")
-                return self._finish(available, attempts, scores, note=why)
-            if "knowledge_retrieval" in available and knowledge is None:
-                return format_call(
-                    f"Image {k} scored only {s:g}/10, below {PASS_SCORE:g}. The review says: "
-                    f"\"{result['review']}\" Before I rewrite the prompt I look up what a {defect} on "
-                    f"a {item} really looks like, where it occurs and how large it is.",
-                    "knowledge_retrieval", {"item_name": item, "anomaly_type": defect})
-            return self._refine(item, defect, side, knowledge, history, rng)
-        if name == "knowledge_retrieval":
-            return self._refine(item, defect, side, knowledge, history, rng)
-        if name == "mask_gen":
-            k = result["anomaly_image"]
-            s = scores.get(k, {}).get("score")
-            return format_answer(
-                f"mask_gen returned mask image {result['mask_index']}, covering "
-                f"{100 * result['area_fraction']:.1f}% of the image. Image {k} and its mask are the "
-                "result.", {"status": "success" if s is None or s >= PASS_SCORE else "partial",
-                            "final_image_index": k, "mask_generated": not result["empty"],
-                            "synthesis_logic": f"a {defect} on the {item}"
-                                               + (f", judged {s:g}/10" if s is not None else "")
-                                               + f" after {len(attempts)} attempt(s)"})
-        return self._finish(available, attempts, scores, note=f"Unexpected reply from {name}.")
-
-    def _finish(self, available, attempts, scores, note):
-        # keep the best-judged attempt (the later one on a tie)
-        best = max(attempts, key=lambda k: (scores.get(k, {}).get("score", -1), k))
-        if len(attempts) > 1:
-            note += f" Of my {len(attempts)} attempts, image {best} is the best."
-        if "mask_gen" in available:
-            return format_call(note + f" I now extract the mask of image {best} with mask_gen.",
-                               "mask_gen", {"anomaly_image": best})
-        return format_answer(note + " There is no mask tool, so I answer without one.",
-                             {"status": "success", "final_image_index": best,
-                              "mask_generated": False, "synthesis_logic": "best judged attempt"})
-
-    def _refine(self, item, defect, side, knowledge, history, rng):
-        """Rewrite the prompt from the last review and, when retrieved, the knowledge."""
-        review = next(r["review"] for name, _, r in reversed(history) if name == "quality_eval")
-        fixes = [s for s in re.split(r"(?<=\.)\s+", review) if ";" in s]
-        reason = ("The review asks: " + " ".join(f'"{f}"' for f in fixes)) if fixes else \
-                 f"The review says: \"{review}\""
-        return self._generate(item, defect, side, knowledge, fixes, rng, reason)
-
-    def _generate(self, item, defect, side, knowledge, fixes, rng, reason):
-        a = dict(knowledge["attributes"]) if knowledge else guess_attributes(defect)
-        notes = []
-        if knowledge:
-            notes.append(f"The knowledge base says a {defect} on a {item} is a {a['shape']} "
-                         f"{'of ' + a['colour'] + ' colour' if a['colour'] else a['tone']}, "
-                         f"{a['extent'][0]:.0%}-{a['extent'][1]:.0%} of the image, at "
-                         f"{a['part']}, with {a['edge']} edges.")
-        size = round(float(np.mean(a["extent"])) * side * rng.uniform(0.85, 1.15))
-        # the review outranks general knowledge; the phrases read here are MeasuredJudge's advice
-        # sentences (a language model would read any wording, a script reads these)
-        for fix in fixes:
-            if m := re.search(r"make it about (\d+) px", fix):
-                size = int(m.group(1))
-            if "outline of the object;" in fix:
-                a["where"] = "edge"
-            if "away from the outline" in fix:
-                a["where"] = "interior"
-            if "pasted-on edges" in fix:
-                a["edge"] = "soft"
-            if "onto " in fix:
-                a["part"] = fix.split("onto ", 1)[1].rstrip(".")
-            if "should be darker" in fix:
-                a["tone"] = "darker"
-            if "should be brighter" in fix:
-                a["tone"] = "brighter"
-            if m := re.search(r"tint it clearly (\w+)", fix):
-                a["tone"], a["colour"] = "colour", m.group(1)
-        tone = {"darker": "dark", "brighter": "bright"}.get(a["tone"], "")
-        colour = a["colour"] if a["colour"] and a["colour"] not in ("black", "white") else ""
-        looks = " ".join(w for w in [tone, colour, SHAPE_PHRASES[a["shape"]]] if w)
-        length = "long" if a["shape"] in ("line", "crack", "slit") else "across"
-        place = {"edge": f", at the edge of {a['part']}", "interior": ", away from the outline"}.get(
-            a["where"], "")
-        edges = "soft, blended edges" if a["edge"] == "soft" else "crisp edges"
-        prompt = (f"Using the provided image, change only {a['part']} to introduce a "
-                  f"{defect}: a {looks} about {size} pixels {length}, clearly visible with high "
-                  f"contrast, with {edges}{place}. Keep the rest of the image unchanged.")
-        thinking = " ".join([reason] + notes + [f"So I ask for a clearly visible {looks} of about "
-                                                f"{size} px with {edges}{place}, and edit image 1 again."])
-        return format_call(thinking, "image_gen", {"prompt": prompt, "target_image": 1})
-
-
-# ==============================================================================================
-# 7. The policy: a vision-language model behind one wrapper (SFT, RL and synthesis share it)
-# ==============================================================================================
+# A policy is anything with act(conversations) -> one reply text per conversation.
+#
+# The vision-language model behind one wrapper (SFT, RL and synthesis share it).
 # Conversations are rendered in ChatML, as Qwen-VL's chat template does; tool observations become
 # user turns wrapped in <tool_response>, the convention of Qwen's template. Rendering by hand keeps
 # the assistant-token mask exact and needs only the tokenizer and the image processor, so the same
@@ -1593,7 +938,6 @@ class VLMPolicy:
     act(): the next assistant turn for many conversations at once (batched sampling).
     encode() / token_logprobs(): tokens, the assistant-token mask and per-token log-probabilities,
     for training."""
-    name = "vlm"
 
     def __init__(self, model, tokenizer, image_processor, temperature=1.0, max_new_tokens=384,
                  image_root=None):
@@ -1795,3 +1139,151 @@ def load_policy(spec, seed=0, device="cpu", **kwargs):
         return ExpertPolicy(seed=seed)
     torch.manual_seed(seed)
     return VLMPolicy.load(spec, device=device, **kwargs)
+
+
+# ---- the expert (scripted) policy -------------------------------------------------------------
+
+class ExpertPolicy:
+    """Follows the canonical order (docs/METHOD.md 2): PG -> IG -> QE [-> KR -> refine -> IG -> QE]...
+    -> MG -> answer, and explains every step in its thinking. It decides from the conversation
+    alone, like a language model would: the tools from the system prompt, the task from the user
+    message, everything else from the observations."""
+
+    def __init__(self, seed=0, max_attempts=3):
+        self.seed, self.max_attempts = seed, max_attempts
+
+    def act(self, conversations) -> list:
+        return [self.next_turn(messages) for messages in conversations]
+
+    def next_turn(self, messages) -> str:
+        available = system_tools(messages)
+        m = re.search(r"Item: (.*?)\. Anomaly type: (.*?)\. Image size: (\d+)x", message_text(messages[1]))
+        item, defect, side = m.group(1), m.group(2), int(m.group(3))
+        history = []   # (tool name, arguments, result) of every call so far
+        for msg, reply in zip(messages[2::2], messages[3::2]):
+            turn = parse_turn(msg["content"])
+            if turn.call:
+                history.append((turn.call["name"], turn.call["arguments"], json.loads(message_text(reply))))
+        rng = np.random.default_rng([self.seed, stable_seed(*(message_text(m) for m in messages))])
+        attempts = [r["image_index"] for name, _, r in history if name == "image_gen" and "image_index" in r]
+        scores = {r["image_index"]: r for name, _, r in history if name == "quality_eval" and "score" in r}
+        knowledge = next((r for name, _, r in history if name == "knowledge_retrieval" and "attributes" in r), None)
+        last = history[-1] if history else None
+
+        if last is None:
+            if "prompt_gen" in available:
+                return format_call(
+                    f"Image 1 is a normal {item}. To put a realistic {defect} on it I first need a "
+                    "precise local-edit prompt that names the part, shape, colour and size, so I "
+                    "call prompt_gen.", "prompt_gen", {"image": 1, "item_name": item, "anomaly_type": defect})
+            return self._generate(item, defect, side, None, {}, rng, "There is no prompt tool, so I "
+                                  "write the edit prompt myself from what I know of this defect.")
+        name, args, result = last
+        if "error" in result and name == "knowledge_retrieval":
+            return self._refine(item, defect, side, None, history, rng)
+        if "error" in result:
+            if sum("error" in r for _, _, r in history) > 2 or not attempts:
+                return self._generate(item, defect, side, knowledge, {}, rng,
+                                      f"The last call failed ({result['error']}). I write a "
+                                      "complete prompt myself and generate again.")
+            return self._finish(available, attempts, scores, note=f"The last call failed "
+                                f"({result['error']}), so I stop refining and keep what I have.")
+        if name == "prompt_gen":
+            return format_call(
+                f"prompt_gen wrote: \"{result['prompt']}\" It names the part and the look of the "
+                f"{defect}. I edit the original image (image 1) with it.",
+                "image_gen", {"prompt": result["prompt"], "target_image": 1})
+        if name == "image_gen":
+            k = result["image_index"]
+            if "quality_eval" in available:
+                return format_call(
+                    f"Image {k} is attempt {len(attempts)}. Before I accept it I need an independent "
+                    "judgement of where the defect sits and how real it looks, so I call quality_eval.",
+                    "quality_eval", {"anomaly_image": k, "item_name": item, "anomaly_type": defect})
+            return self._finish(available, attempts, scores, note="There is no quality tool, so I "
+                                f"keep image {k}.")
+        if name == "quality_eval":
+            s, k = result["score"], result["image_index"]
+            if s >= PASS_SCORE or len(attempts) >= self.max_attempts:
+                parts = (f" (location {result['location_score']:g}, quality {result['quality_score']:g})"
+                         if "location_score" in result and "quality_score" in result else "")
+                why = (f"Image {k} scored {s:g}/10{parts}, which passes the threshold of {PASS_SCORE:g}."
+                       if s >= PASS_SCORE else
+                       f"Image {k} scored {s:g}/10, below {PASS_SCORE:g}, and I have used all "
+                       f"{self.max_attempts} attempts.")
+                return self._finish(available, attempts, scores, note=why)
+            if "knowledge_retrieval" in available and knowledge is None:
+                return format_call(
+                    f"Image {k} scored only {s:g}/10, below {PASS_SCORE:g}. The review says: "
+                    f"\"{result['review']}\" Before I rewrite the prompt I look up what a {defect} on "
+                    f"a {item} really looks like, where it occurs and how large it is.",
+                    "knowledge_retrieval", {"item_name": item, "anomaly_type": defect})
+            return self._refine(item, defect, side, knowledge, history, rng)
+        if name == "knowledge_retrieval":
+            return self._refine(item, defect, side, knowledge, history, rng)
+        if name == "mask_gen":
+            k = result["anomaly_image"]
+            s = scores.get(k, {}).get("score")
+            return format_answer(
+                f"mask_gen returned mask image {result['mask_index']}, covering "
+                f"{100 * result['area_fraction']:.1f}% of the image. Image {k} and its mask are the "
+                "result.", {"status": "success" if s is None or s >= PASS_SCORE else "partial",
+                            "final_image_index": k, "mask_generated": not result["empty"],
+                            "synthesis_logic": f"a {defect} on the {item}"
+                                               + (f", judged {s:g}/10" if s is not None else "")
+                                               + f" after {len(attempts)} attempt(s)"})
+        return self._finish(available, attempts, scores, note=f"Unexpected reply from {name}.")
+
+    def _finish(self, available, attempts, scores, note):
+        # keep the best-judged attempt (the later one on a tie)
+        best = max(attempts, key=lambda k: (scores.get(k, {}).get("score", -1), k))
+        if len(attempts) > 1:
+            note += f" Of my {len(attempts)} attempts, image {best} is the best."
+        if "mask_gen" in available:
+            return format_call(note + f" I now extract the mask of image {best} with mask_gen.",
+                               "mask_gen", {"anomaly_image": best})
+        return format_answer(note + " There is no mask tool, so I answer without one.",
+                             {"status": "success", "final_image_index": best,
+                              "mask_generated": False, "synthesis_logic": "best judged attempt"})
+
+    def _refine(self, item, defect, side, knowledge, history, rng):
+        """Rewrite the prompt from the last judgement (its advice, when the judge gives data) and,
+        when retrieved, the knowledge."""
+        judgement = next(r for name, _, r in reversed(history) if name == "quality_eval")
+        review = judgement["review"]
+        # quoted in the thinking only: the sentences that ask for a change (after a semicolon)
+        asks = [s for s in re.split(r"(?<=\.)\s+", review) if ";" in s]
+        reason = ("The review asks: " + " ".join(f'"{s}"' for s in asks)) if asks else \
+                 f"The review says: \"{review}\""
+        return self._generate(item, defect, side, knowledge, judgement.get("advice", {}), rng, reason)
+
+    def _generate(self, item, defect, side, knowledge, advice, rng, reason):
+        attrs = dict(knowledge["attributes"]) if knowledge else guess_attributes(defect)
+        notes = []
+        if knowledge:
+            notes.append(f"The knowledge base says a {defect} on a {item} is a {attrs['shape']} "
+                         f"{'of ' + attrs['colour'] + ' colour' if attrs['colour'] else attrs['tone']}, "
+                         f"{attrs['extent'][0]:.0%}-{attrs['extent'][1]:.0%} of the image, at "
+                         f"{attrs['part']}, with {attrs['edge']} edges.")
+        size = round(float(np.mean(attrs["extent"])) * side * rng.uniform(0.85, 1.15))
+        # the judge's advice outranks general knowledge; a judge that writes only prose gives none,
+        # and the rewrite then rests on the knowledge (or the type's family) and high contrast alone
+        size = advice.get("size_px", size)
+        attrs["where"] = advice.get("place", attrs["where"])
+        attrs["edge"] = advice.get("edge", attrs["edge"])
+        attrs["part"] = advice.get("part", attrs["part"])
+        if advice.get("tone") in ("darker", "brighter", "colour"):
+            attrs["tone"] = advice["tone"]
+        attrs["colour"] = advice.get("colour", attrs["colour"])
+        tone = {"darker": "dark", "brighter": "bright"}.get(attrs["tone"])
+        colour = attrs["colour"] if attrs["colour"] and attrs["colour"] not in ("black", "white") else None
+        looks = " ".join(w for w in [tone, colour, SHAPE_PHRASES[attrs["shape"]]] if w)
+        place = {"edge": f"at the edge of {attrs['part']}", "interior": "away from the outline"}.get(attrs["where"])
+        edges = "soft, blended edges" if attrs["edge"] == "soft" else "crisp edges"
+        prompt = local_edit_prompt(defect, attrs["part"], attrs["shape"], tone=tone, colour=colour, size_px=size,
+                                   length="long" if attrs["shape"] in ("line", "crack", "slit") else "across",
+                                   visibility="clearly visible with high contrast", edges=edges, place=place)
+        thinking = " ".join([reason] + notes + [f"So I ask for a clearly visible {looks} of about "
+                                                f"{size} px with {edges}{', ' + place if place else ''}, "
+                                                "and edit image 1 again."])
+        return format_call(thinking, "image_gen", {"prompt": prompt, "target_image": 1})

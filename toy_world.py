@@ -1,16 +1,30 @@
-"""toy_world.py -- the procedural "toy world": an offline stand-in for MVTec-AD, used by tools.py.
+"""toy_world.py -- the offline world: a procedural stand-in for MVTec-AD and for the five tools' models.
 
-Normal images are rendered as scene radiance (material colour x shading) and
-then pushed through a small camera model (illumination gradient, vignetting,
-optical blur, sensor noise, 8-bit quantisation) so that they look like
-inspection photos rather than clip art.
+Two halves, deliberately independent of each other:
 
-Defects are painted by compositing a physically motivated appearance over the
-normal image through an alpha matte that is exactly zero outside the returned
-mask, so the mask is pixel-exact by construction.
+  Part 1. The toy dataset (render_normal, render_anomaly): eight categories of inspection-like photos
+          and their defects with pixel-exact masks. tools.py writes them to disk in MVTec-AD layout.
+  Part 2. The offline tool backends: a prompt writer (PG), a procedural painter (IG), a measured judge
+          (QE) and a difference segmenter (MG), with the defect vocabulary and image measurements they
+          share. tools.py puts them behind its tool interfaces as the default backends.
 
-All lengths are written for a 128 px image and scaled by ``size / 128``.
+Part 1 never calls Part 2: the dataset's defects are drawn by their own renderers, so a policy trained
+on them learns defects, not the painter. This module imports nothing from the project (tools.py
+imports it, never the reverse), so it can be read, tested and replaced on its own.
+
+Part 1: normal images are rendered as scene radiance (material colour x shading) and then pushed
+through a small camera model (illumination gradient, vignetting, optical blur, sensor noise, 8-bit
+quantisation) so that they look like inspection photos rather than clip art. Defects are painted by
+compositing a physically motivated appearance over the normal image through an alpha matte that is
+exactly zero outside the returned mask, so the mask is pixel-exact by construction. All lengths are
+written for a 128 px image and scaled by ``size / 128``.
+
+Part 2: the backends are *measured* rather than learned. The painter reads defect words from the
+prompt, the judge measures the change it sees, so every decision the agent makes has a visible,
+checkable consequence, and a laptop CPU runs an episode in a fraction of a second.
 """
+import re
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, NamedTuple
 
@@ -27,6 +41,10 @@ TOY_CATEGORIES = {
     "bottle": {"kind": "object", "group": "eval", "types": ["crack", "contamination", "missing"]},
     "washer": {"kind": "object", "group": "eval", "types": ["scratch", "missing", "crack"]},
 }
+
+# ==============================================================================================
+# Part 1. The toy dataset
+# ==============================================================================================
 
 # ---------------------------------------------------------------------------
 # Shared helpers
@@ -699,3 +717,617 @@ def render_anomaly(category: str, anomaly_type: str, image: np.ndarray, foregrou
             result[mask] = changed.astype(np.uint8)
             return result, mask
     raise RuntimeError(f"could not place a visible {category}/{anomaly_type} defect")
+
+
+# ==============================================================================================
+# Part 2. The offline tool backends
+# ==============================================================================================
+# Nothing above this line calls anything below it.
+
+class ToolError(Exception):
+    """A request a tool backend cannot serve (a prompt that names no defect, a region with no room):
+    the episode runner turns it into an error observation. tools.py re-exports it."""
+
+
+# ---------------------------------------------------------------------------
+# The defect vocabulary: families, colours, and the one local-edit prompt form
+# ---------------------------------------------------------------------------
+
+FAMILY_WORDS = [
+    ("notch", r"missing|broken|chip|notch"),
+    ("crack", r"crack|fracture"),
+    ("slit", r"cut|slit|tear|gash|split"),
+    ("line", r"scratch|scrape|thread|stroke|streak|line"),
+    ("spot", r"hole|puncture|pit|poke|dent"),
+    ("blob", r"stain|contamina|particle|debris|residue|glue|oil|liquid|smear|blob|dirt|speck|spot"),
+    ("patch", r"discolou?r|colou?r|tint|patch|rough|print|fold|squeez"),
+]
+FAMILY_DEFAULTS = {  # extent, tone, edge
+    "notch": ([0.10, 0.25], "background", "crisp"), "crack": ([0.15, 0.45], "darker", "crisp"),
+    "slit": ([0.20, 0.45], "darker", "crisp"), "line": ([0.20, 0.55], "brighter", "crisp"),
+    "spot": ([0.04, 0.14], "darker", "crisp"), "blob": ([0.06, 0.25], "darker", "soft"),
+    "patch": ([0.10, 0.30], "colour", "soft"),
+}
+
+
+def guess_family(text, default=None):
+    for family, pattern in FAMILY_WORDS:
+        if re.search(rf"\b({pattern})", text.lower().replace("_", " ")):
+            return family
+    return default
+
+
+def guess_attributes(anomaly_type) -> dict:
+    """Attributes for a type that is not in the knowledge base, from its name alone."""
+    family = guess_family(anomaly_type, "blob")
+    extent, tone, edge = FAMILY_DEFAULTS[family]
+    return {"shape": family, "extent": extent, "tone": tone, "colour": None, "where": "anywhere",
+            "edge": edge, "part": "the surface"}
+
+
+COLOURS = {"black": (25, 25, 25), "white": (240, 240, 240), "grey": (128, 128, 128),
+           "gray": (128, 128, 128), "brown": (115, 70, 35), "red": (190, 40, 35),
+           "orange": (215, 120, 35), "yellow": (215, 195, 45), "green": (60, 150, 60),
+           "blue": (50, 85, 195), "purple": (125, 60, 155), "pink": (220, 130, 160)}
+
+
+HUES = ["brown", "red", "orange", "yellow", "green", "blue", "purple"]
+
+
+def size_word(fraction) -> str:
+    return ("tiny" if fraction < 0.06 else "small" if fraction < 0.12 else
+            "medium-sized" if fraction < 0.25 else "large")
+
+
+SHAPE_PHRASES = {"line": "thin scratch line", "crack": "jagged crack", "slit": "narrow cut slit",
+                 "spot": "round hole", "blob": "irregular blob", "patch": "discoloured patch",
+                 "notch": "missing chunk broken off"}
+
+
+def local_edit_prompt(anomaly_type, part, shape=None, size_label=None, tone=None, colour=None,
+                      size_px=None, length="across", visibility=None, edges=None, place=None) -> str:
+    """The local-edit prompt every offline writer uses (the prompt writer, the expert policy, the
+    trajectory builder, the fixed-prompt baseline), from attributes:
+
+        Using the provided image, change only <part> to introduce a <type>[: a <size word> <tone>
+        <colour> <shape phrase>[ about <size_px> pixels <length>][, <visibility>][, with <edges>]
+        [, <place>]]. Keep the rest of the image unchanged.
+
+    tone is "dark", "bright" or None; shape a family of SHAPE_PHRASES (None: the type alone, no look);
+    edges "crisp edges", "soft, blended edges" or "sharp edges"; place free text ("at the edge of the
+    rim", "in the top-left", "away from the outline"). The painter reads these words back."""
+    text = f"Using the provided image, change only {part} to introduce a {anomaly_type.replace('_', ' ')}"
+    if shape is not None:
+        looks = " ".join(w for w in [size_label, tone, colour, SHAPE_PHRASES[shape]] if w)
+        text += f": {'an' if looks[0] in 'aeiou' else 'a'} {looks}"
+        if size_px is not None:
+            text += f" about {size_px} pixels {length}"
+        text += "".join(f", {w}" for w in [visibility, f"with {edges}" if edges else None, place] if w)
+    return text + ". Keep the rest of the image unchanged."
+
+
+# ---------------------------------------------------------------------------
+# Image measurements the backends share
+# ---------------------------------------------------------------------------
+
+def luminance(image) -> np.ndarray:
+    return image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def change_map(a, b) -> np.ndarray:
+    """Mean absolute difference over the colour channels, in grey levels (0-255)."""
+    return np.abs(a.astype(np.float32) - b.astype(np.float32)).mean(axis=2)
+
+
+def background_colour(image) -> np.ndarray:
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    return np.median(border.astype(np.float32), axis=0)
+
+
+def foreground_mask(image, kind) -> np.ndarray:
+    """Object pixels: those far from the plain background's colour (the whole image for textures).
+    Enclosed regions are object too (a bottle's dark inside), unless they look like the background
+    seen through a hole (a washer's or a nut's centre)."""
+    if kind == "texture":
+        return np.ones(image.shape[:2], bool)
+    smooth = ndimage.uniform_filter(image.astype(np.float32), size=(3, 3, 1))
+    dist = np.linalg.norm(smooth - background_colour(image), axis=2)
+    threshold = 30.0   # grey levels: well above sensor noise, well below any object's contrast
+    fg = ndimage.binary_opening(dist > threshold, iterations=1)
+    labels, n = ndimage.label(fg)
+    if n == 0:
+        return np.ones(image.shape[:2], bool)
+    sizes = ndimage.sum(fg, labels, range(1, n + 1))
+    fg = np.isin(labels, 1 + np.flatnonzero(sizes >= 0.2 * sizes.max()))
+    holes, n_holes = ndimage.label(ndimage.binary_fill_holes(fg) & ~fg)
+    if n_holes:
+        unlike_background = ndimage.mean(dist, holes, range(1, n_holes + 1)) > 2 * threshold
+        fg |= np.isin(holes, 1 + np.flatnonzero(unlike_background))
+    return ndimage.binary_dilation(fg)   # the blurred outline belongs to the object
+
+
+def remove_small(mask, min_size) -> np.ndarray:
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = ndimage.sum(mask, labels, range(1, n + 1))
+    return np.isin(labels, 1 + np.flatnonzero(sizes >= min_size))
+
+
+def elongation(mask) -> float:
+    """sqrt of the ratio of the principal axes of a region's pixel cloud (1 = round)."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) < 3:
+        return 1.0
+    ev = np.linalg.eigvalsh(np.cov(np.stack([ys, xs])) + 0.1 * np.eye(2))
+    return float(np.sqrt(ev[1] / ev[0]))
+
+
+def extent_px(mask) -> int:
+    """The longest side of a region's bounding box, in pixels."""
+    ys, xs = np.nonzero(mask)
+    return int(max(ys.max() - ys.min(), xs.max() - xs.min()) + 1) if len(ys) else 0
+
+
+# ---------------------------------------------------------------------------
+# PG: the offline prompt writer
+# ---------------------------------------------------------------------------
+
+class OfflinePromptWriter:
+    """PG backend: a local-edit prompt from general knowledge of the defect type.
+
+    Like a language model writing without retrieval, it knows what the defect is called, which part
+    it belongs on and its general family (a hole is a dark round spot), but not this dataset's
+    specifics (which colour, how large, where exactly, how it blends): those are what knowledge
+    retrieval adds when the agent refines a failed attempt."""
+
+    def write(self, normal, entry, rng) -> str:
+        shape = entry["attributes"]["shape"]
+        extent, tone, _ = FAMILY_DEFAULTS[shape]
+        return local_edit_prompt(entry["type"], entry["attributes"]["part"], shape,
+                                 size_label=size_word(float(np.mean(extent)) * rng.uniform(0.7, 1.3)),
+                                 tone={"darker": "dark", "brighter": "bright"}.get(tone))
+
+
+# ---------------------------------------------------------------------------
+# IG: the procedural painter
+# ---------------------------------------------------------------------------
+
+@dataclass
+class PaintSpec:
+    """What the painter read from a prompt."""
+    family: str
+    tone: str
+    colour: tuple | None
+    strength: float
+    extent: float        # longest dimension, pixels
+    width: float         # stroke width of line-like defects, pixels
+    soft: bool
+    place: str | None    # edge | rim | inside | interior | center | top-left | ... | None (anywhere)
+
+
+def _has(text, pattern):
+    return re.search(rf"\b({pattern})\b", text) is not None
+
+
+class ProceduralPainter:
+    """IG backend: paints the defect a prompt describes, as a local edit of the original image.
+
+    It reads shape, darkness/colour, contrast, size, stroke width, edge softness and place words.
+    Whatever the prompt leaves open is sampled at random, as a real image generator would, so
+    vague prompts give variable results and precise prompts give consistent ones."""
+
+    def read(self, prompt, side, rng) -> PaintSpec:
+        whole = prompt.lower()
+        # "change only <part> to introduce a <type>: <description>": the look is read from the
+        # description, so a type or part name ("missing_wire", "thread") does not override it
+        text = whole.split(":", 1)[1] if ":" in whole else whole
+        family = next((f for f, phrase in SHAPE_PHRASES.items() if phrase in text), None) \
+            or guess_family(text) or guess_family(whole)
+        if family is None:
+            raise ToolError("the prompt names no defect; describe its shape, e.g. 'a thin scratch', "
+                            "'a jagged crack', 'a dark round hole', 'a brown stain'")
+        colour_word = next((c for c in COLOURS if _has(text, c)), None)
+        if family == "notch" or _has(text, "background shows|material removed"):
+            tone = "background"
+        elif _has(text, "dark|darker|black|shadowed|deep"):
+            tone = "darker"
+        elif _has(text, "bright|brighter|white|shiny|specular|pale|light"):
+            tone = "brighter"
+        elif colour_word or family == "patch":
+            tone = "colour"
+        else:
+            tone = rng.choice(["darker", "brighter"])
+        if _has(text, "faint|subtle|slight|barely visible"):
+            strength = rng.uniform(0.15, 0.3)
+        elif _has(text, "clearly visible|strong|high-contrast|high contrast|pronounced|distinct|vivid"):
+            strength = rng.uniform(0.8, 0.95)
+        else:
+            strength = rng.uniform(0.15, 0.95)
+        px = re.search(r"(\d+(?:\.\d+)?)\s*(?:px|pixels?)\b", text)
+        words = {"tiny": (0.03, 0.06), "small": (0.06, 0.12), "medium": (0.12, 0.25),
+                 "large": (0.25, 0.45), "long": (0.3, 0.55)}
+        if px:   # clamped: a policy asking for a 10^9-pixel crack gets the largest sensible one
+            extent = min(float(px.group(1)), 2.0 * side) * rng.uniform(0.92, 1.08)
+        else:
+            lo, hi = next((r for w, r in words.items() if _has(text, w)), (0.04, 0.5))
+            extent = rng.uniform(lo, hi) * side
+        scale = side / 128
+        if _has(text, "hairline|thin|fine|narrow"):
+            width = rng.uniform(1.0, 1.6) * scale
+        elif _has(text, "wide|thick|broad"):
+            width = rng.uniform(3.0, 5.0) * scale
+        else:
+            width = rng.uniform(1.0, 4.0) * scale
+        if family == "notch":   # broken-off material always leaves a clean outline
+            soft = False
+        elif _has(text, "soft|blended|feathered|diffuse|gradual|fading"):
+            soft = True
+        elif _has(text, "sharp|crisp|hard|clean"):
+            soft = False
+        else:
+            soft = bool(rng.random() < 0.5)
+        # the place may be named anywhere, the part included ("the bottle rim", "the inside of")
+        if family == "notch" or _has(whole, "at the edge|on the edge|along the edge|at the outline|touching the outline"):
+            place = "edge"
+        elif _has(whole, "rim|border|band"):
+            place = "rim"
+        elif _has(whole, "inside|interior"):
+            place = "inside"
+        elif _has(whole, "away from the outline|away from the edges?"):
+            place = "interior"
+        else:
+            place = next((p for p in ("top-left", "top-right", "bottom-left", "bottom-right",
+                                      "center", "centre", "middle", "top", "bottom", "left", "right")
+                          if _has(whole, p)), None)
+        colour = COLOURS[colour_word] if colour_word else None
+        return PaintSpec(family, tone, colour, float(strength), float(max(extent, 2.0)),
+                         float(min(width, side / 4)), soft, place)
+
+    def edit(self, image, prompt, kind, rng, region=None) -> np.ndarray:
+        side = image.shape[0]
+        spec = self.read(prompt, side, rng)
+        fg = foreground_mask(image, kind)
+        support = fg.copy()
+        if spec.place in ("interior", "rim", "inside") and kind == "object":
+            support = ndimage.binary_erosion(fg, iterations=max(2, round(3 * side / 128)))
+        if region is not None:
+            support &= region_mask(region, image.shape[:2])
+        if not support.any():
+            raise ToolError("there is no room for the defect where the prompt and region put it")
+        anchor = self._anchor(spec, fg, support, rng)
+        alpha = self._shape(spec, anchor, image.shape[:2], rng)
+        if spec.soft:   # a soft line is only slightly blurred; a soft stain fades over its radius
+            line_like = spec.family in ("line", "crack", "slit")
+            alpha = ndimage.gaussian_filter(alpha, side / 128 if line_like else max(1.0, 0.12 * spec.extent))
+            alpha = np.clip(alpha / max(alpha.max(), 1e-6), 0, 1)
+        else:
+            alpha = ndimage.gaussian_filter(alpha, 0.5)
+        alpha[alpha < 0.03] = 0
+        alpha *= support
+        return self._apply(image, spec, alpha, rng)
+
+    def _anchor(self, spec, fg, support, rng):
+        h, w = fg.shape
+        if spec.place == "edge":
+            solid = ndimage.binary_fill_holes(fg)   # the outer outline, not a nut's central hole
+            candidates = solid & ~ndimage.binary_erosion(solid) & support
+            if not candidates.any():
+                candidates = support
+        elif spec.place in ("rim", "inside"):   # near the outer outline, or far from it
+            depth = ndimage.distance_transform_edt(ndimage.binary_fill_holes(fg))
+            near = depth < 0.08 * h + 3
+            candidates = support & (near if spec.place == "rim" else depth > 0.5 * depth.max())
+            if not candidates.any():
+                candidates = support
+        elif spec.place in ("center", "centre", "middle", "top-left", "top-right", "bottom-left",
+                            "bottom-right", "top", "bottom", "left", "right"):
+            fy = 0.25 if "top" in spec.place else 0.75 if "bottom" in spec.place else 0.5
+            fx = 0.25 if "left" in spec.place else 0.75 if "right" in spec.place else 0.5
+            yy, xx = np.mgrid[:h, :w]
+            near = (np.abs(yy / h - fy) < 0.15) & (np.abs(xx / w - fx) < 0.15) & support
+            candidates = near if near.any() else support
+        else:
+            # keep the defect's centre far enough from the image border that it stays whole
+            margin = int(min(spec.extent / 2, h / 4))
+            inner = np.zeros_like(support)
+            inner[margin:h - margin, margin:w - margin] = True
+            candidates = support & inner if (support & inner).any() else support
+        ys, xs = np.nonzero(candidates)
+        i = rng.integers(len(ys))
+        return float(ys[i]), float(xs[i])
+
+    def _shape(self, spec, anchor, shape, rng) -> np.ndarray:
+        """Coverage (0-1) of the defect's footprint, before blending."""
+        cy, cx = anchor
+        L, h, w = spec.extent, *shape
+        yy, xx = np.mgrid[:h, :w].astype(np.float32)
+        angle = rng.uniform(0, np.pi)
+        d = np.array([np.sin(angle), np.cos(angle)])
+        if spec.family in ("line", "slit", "crack"):
+            if spec.family == "crack":
+                points = _random_walk(anchor, angle, L, rng)
+                width = min(spec.width, 1.6 * h / 128)
+            else:
+                t = np.linspace(-0.5, 0.5, int(4 * L) + 2)[:, None]
+                bend = rng.uniform(-0.2, 0.2) * L if spec.family == "line" else 0.0
+                normal = np.array([-d[1], d[0]])
+                points = np.array(anchor) + t * L * d + (1 - 4 * t ** 2) * bend * normal
+                width = spec.width if spec.family == "line" else max(spec.width, 2.0 * h / 128)
+            canvas = np.ones(shape, bool)
+            iy = np.clip(np.round(points[:, 0]).astype(int), 0, h - 1)
+            ix = np.clip(np.round(points[:, 1]).astype(int), 0, w - 1)
+            canvas[iy, ix] = False
+            dist = ndimage.distance_transform_edt(canvas)
+            return np.clip(width / 2 + 0.5 - dist, 0, 1).astype(np.float32)
+        # compact families: a noisy ellipse (spot, notch) or a thresholded noise field (blob, patch)
+        a = L / 2
+        b = a * (rng.uniform(0.75, 1.0) if spec.family in ("spot", "notch") else rng.uniform(0.55, 0.9))
+        u = ((yy - cy) * d[0] + (xx - cx) * d[1]) / a
+        v = (-(yy - cy) * d[1] + (xx - cx) * d[0]) / b
+        r = np.sqrt(u ** 2 + v ** 2)
+        roughness = 0.08 if spec.family in ("spot", "notch") else 0.45
+        noise = ndimage.gaussian_filter(rng.standard_normal(shape), max(1.0, L / 8))
+        noise /= noise.std() + 1e-6
+        return ((1 - r + roughness * noise) > 0).astype(np.float32)
+
+    def _apply(self, image, spec, alpha, rng) -> np.ndarray:
+        img = image.astype(np.float32)
+        lum = luminance(image)[..., None]
+        if spec.tone == "background":
+            target = np.broadcast_to(background_colour(image), img.shape) + rng.normal(0, 2, img.shape)
+            strength = 1.0
+        else:
+            strength = spec.strength
+            if spec.tone == "darker":
+                target = img * (0.1 if spec.family == "spot" else 0.2)
+                if spec.colour is not None:
+                    target = 0.5 * target + 0.5 * np.array(spec.colour) * (0.3 + 0.7 * lum / 255)
+            elif spec.tone == "brighter":
+                target = img + (255 - img) * 0.85
+            elif spec.family in ("blob", "spot"):   # foreign matter: its own colour, lit like the surface
+                c = np.array(spec.colour if spec.colour is not None else COLOURS[rng.choice(HUES)], np.float32)
+                target = c * (0.75 + 0.25 * lum / max(float(lum.mean()), 1.0))
+            else:  # a discolouration: a hue change that keeps the surface's shading and texture
+                c = np.array(spec.colour if spec.colour is not None else COLOURS[rng.choice(HUES)], np.float32)
+                target = c * lum / max(luminance(c[None, None].astype(np.uint8)).item(), 1.0)
+            target = target + rng.normal(0, 4, img.shape)   # grain, so the defect is not flat
+        a = (alpha * strength)[..., None]
+        out = np.where(a > 0, img + (target - img) * a, img)
+        return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _random_walk(anchor, angle, length, rng):
+    """A jagged crack: a wandering path through the anchor plus a side branch."""
+    def walk(start, heading, n):
+        pts, p = [], np.array(start, float)
+        for _ in range(int(n)):
+            heading += rng.normal(0, 0.35)
+            p = p + np.array([np.sin(heading), np.cos(heading)])
+            pts.append(p.copy())
+        return pts
+    half = length / 2
+    a = walk(anchor, angle, half)
+    b = walk(anchor, angle + np.pi, half)
+    trunk = a[::-1] + [np.array(anchor)] + b
+    fork = trunk[rng.integers(len(trunk))]
+    branch = walk(fork, angle + rng.choice([-1, 1]) * rng.uniform(0.5, 1.2), 0.35 * half)
+    return np.array(trunk + branch)
+
+
+def region_mask(region, shape):
+    """An agent's [x0, y0, x1, y1] box (pixels) as an HxW bool mask; a bad box is a ToolError."""
+    try:
+        x0, y0, x1, y1 = (int(round(float(v))) for v in region)
+    except (TypeError, ValueError, OverflowError):
+        raise ToolError("region must be [x0, y0, x1, y1] in pixels") from None
+    m = np.zeros(shape, bool)
+    m[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
+    if not m.any():
+        raise ToolError(f"region {region} is empty or outside the {shape[1]}x{shape[0]} image")
+    return m
+
+
+# ---------------------------------------------------------------------------
+# QE: the measured judge
+# ---------------------------------------------------------------------------
+
+# How the measured judge scores an edit. Each check gives a factor in [0, 1] (1: no fault), and each
+# score is a product of "floor + share x factor" terms, so one fault alone costs at most its share,
+# and several faults compound (a faint, spilled, pasted-looking defect is not rescued by the rest):
+#
+#   location (0-5) = 5 * on_object * (0.1 + 0.9 * place) * (0.3 + 0.7 * size)
+#   quality  (0-5) = 5 * visible * (0.4 + 0.6 * confined) * (0.15 + 0.85 * tone)
+#                      * (0.4 + 0.6 * shape) * (0.45 + 0.55 * blended)
+#   score = location + quality, both rounded to 0.1 first (the paper's rubric: 0-5 + 0-5).
+#
+# The thresholds below were set by hand on the toy world, so that its own rendered defects (Part 1)
+# score well against their normal images and the painter's typical faults score badly.
+CHANGED_GREY = 10.0            # a pixel counts as changed above this (blurred) grey-level difference
+SIZE_TOLERANCE = (0.8, 1.25)   # the knowledge's extent range, widened: below 0.8 x min or above
+                               # 1.25 x max the size factor falls, reaching 0 at half / twice those
+VISIBLE_GREY = (10.0, 30.0)    # mean change inside the defect: invisible at 10, fully visible at 30
+SPILL = (0.05, 0.25)           # share of all change outside the defect's zone: 5% is free, 30% is 0
+SPREAD_MAX = 0.35              # a change over more than 35% of the image is not a local edit
+STEEPNESS = (0.27, 0.08)       # soft types: contour gradient / peak change; blended below 0.19,
+                               # pasted-looking at 0.27 and above (hard edges are steep)
+
+
+class MeasuredJudge:
+    """QE backend: scores an edit by measuring the change between the normal and the edited image.
+
+    location_score (0-5): the change is on the object, at a plausible place, at a plausible size.
+    quality_score (0-5): it is visible, local, looks like its type (darker / brighter / hue, line or
+    compact), and blends in (soft types have no hard pasted edges). score = location + quality.
+    The review says in plain sentences what to change; "advice" says the same as data, one key per
+    fault: size_px, place ("edge" | "interior"), part, tone ("darker" | "brighter" | "background" |
+    "colour"), colour, edge ("soft"), contrast ("high"), shape (the family), confine (True)."""
+
+    def evaluate(self, normal, edited, kind, entry) -> dict:
+        attrs, name = entry["attributes"], entry["type"].replace("_", " ")
+        side = normal.shape[0]
+        scale = side / 128
+        d = change_map(normal, edited)
+        changed = remove_small(ndimage.gaussian_filter(d, 0.7) > CHANGED_GREY, max(3, 4 * scale ** 2))
+        if not changed.any():
+            return {"location_score": 0.0, "quality_score": 0.0, "score": 0.0,
+                    "review": f"No visible change was found; the {name} is missing. "
+                              "Make it clearly visible with high contrast.",
+                    "advice": {"contrast": "high"}}
+        # the defect: the largest group of changed pixels, pieces a few pixels apart (a line broken
+        # up by the texture) counted as one
+        groups, n = ndimage.label(ndimage.binary_dilation(changed, iterations=max(2, round(2 * scale))))
+        main = changed & (groups == 1 + int(np.argmax(ndimage.sum(changed, groups, range(1, n + 1)))))
+        fg = foreground_mask(normal, kind)
+        # faults as (weight, sentence, advice): the weight orders the review and drops negligible
+        # faults; it approximates how much the fault matters, not the exact points the product loses
+        faults = []
+
+        # location: on the object, at a plausible place, at a plausible size
+        on_object = (changed & fg).sum() / changed.sum()
+        faults.append((2.0 * (1 - on_object), f"Part of the change lies on the background; "
+                                              f"move it onto {attrs['part']}.", {"part": attrs["part"]}))
+        place = 1.0
+        if kind == "object" and attrs["where"] == "edge":
+            solid = ndimage.binary_fill_holes(fg)
+            outline = ndimage.binary_dilation(solid & ~ndimage.binary_erosion(solid),
+                                              iterations=max(1, round(2 * scale)))
+            place = float((main & outline).any())
+            faults.append((1.5 * (1 - place), f"The {name} should touch the outline of the object; "
+                                              f"place it at the edge of {attrs['part']}.", {"place": "edge"}))
+        elif kind == "object" and attrs["where"] == "interior":
+            depth = ndimage.distance_transform_edt(fg)
+            place = float(np.clip((np.mean(depth[changed] >= 2 * scale) - 0.8) / 0.2, 0, 1))
+            faults.append((1.5 * (1 - place), f"The {name} touches the outline of the object; keep it "
+                                              f"away from the outline, on {attrs['part']}.", {"place": "interior"}))
+        lo, hi = attrs["extent"]
+        lo, hi = SIZE_TOLERANCE[0] * lo, SIZE_TOLERANCE[1] * hi
+        extent = extent_px(main) / side
+        good = round(float(np.mean(attrs["extent"])) * side)
+        size_ok = 1.0
+        if extent < lo:
+            size_ok = max(0.0, 2 * extent / lo - 1)
+            faults.append((1.5 * (1 - size_ok), f"The {name} is too small (about {extent_px(main)} px); "
+                                                 f"make it about {good} px.", {"size_px": good}))
+        elif extent > hi:
+            size_ok = max(0.0, 2 - extent / hi)
+            faults.append((1.5 * (1 - size_ok), f"The {name} is too large (about {extent_px(main)} px); "
+                                                 f"make it about {good} px.", {"size_px": good}))
+        location = 5 * on_object * (0.1 + 0.9 * place) * (0.3 + 0.7 * size_ok)
+
+        # quality: visible, local, the right appearance, blended
+        contrast = float(d[main].mean())
+        faint, full = VISIBLE_GREY
+        visible = float(np.clip((contrast - faint) / (full - faint), 0, 1))
+        if visible < 1:   # the extra 1.0 puts a faint defect first in the review, whatever else is wrong
+            faults.append((1.5 * (1 - visible) + 1.0, f"The {name} is too faint to see; make it clearly "
+                                                      "visible with high contrast.", {"contrast": "high"}))
+        zone = ndimage.binary_dilation(main, iterations=max(2, round(3 * scale)))
+        spill = d[~zone].sum() / max(d.sum(), 1e-6)
+        confined = float(np.clip(1 - (spill - SPILL[0]) / SPILL[1], 0, 1)) * (changed.mean() < SPREAD_MAX)
+        faults.append((1.25 * (1 - confined), "Pixels outside the defect changed as well; keep the "
+                                              "rest of the image unchanged.", {"confine": True}))
+        tone_ok = self._tone(normal, edited, main, attrs)
+        faults.append((0.6 * (1 - tone_ok), self._tone_advice(name, attrs),
+                       {"tone": attrs["tone"], **({"colour": attrs["colour"]} if attrs["tone"] == "colour" and attrs["colour"] else {})}))
+        shape_ok = self._shape(main, attrs["shape"], scale)
+        faults.append((0.6 * (1 - shape_ok), self._shape_advice(name, attrs["shape"]), {"shape": attrs["shape"]}))
+        blended = 1.0
+        if attrs["edge"] == "soft":
+            # a pasted patch changes abruptly: the change map is steep along the defect's contour
+            smooth = ndimage.gaussian_filter(d, 0.7)
+            peak = np.percentile(d[main], 90)
+            core = smooth > 0.5 * peak
+            contour = core & ~ndimage.binary_erosion(core)
+            if contour.any():
+                steepness = np.hypot(*np.gradient(smooth))[contour].mean() / max(peak, 1e-6)
+                blended = float(np.clip((STEEPNESS[0] - steepness) / STEEPNESS[1], 0, 1))
+            else:   # no body to blend (a hairline): it cannot read as a soft stain
+                blended = 0.0
+            faults.append((1.5 * (1 - blended), f"The {name} has hard pasted-on edges; blend its "
+                                                 "border softly into the surface.", {"edge": "soft"}))
+        quality = (5 * visible * (0.4 + 0.6 * confined) * (0.15 + 0.85 * tone_ok)
+                   * (0.4 + 0.6 * shape_ok) * (0.45 + 0.55 * blended))
+        location_score, quality_score = round(location, 1), round(quality, 1)
+        score = round(location_score + quality_score, 1)
+        kept = [(s, fix) for weight, s, fix in sorted(faults, key=lambda f: -f[0]) if weight > 0.05]
+        verdict = (f"A plausible {name} on {attrs['part']}." if not kept else
+                   f"The {name} is not convincing yet." if score < 6 else
+                   f"A plausible {name}, with room to improve.")
+        return {"location_score": location_score, "quality_score": quality_score, "score": score,
+                "review": " ".join([verdict] + [s for s, _ in kept]),
+                "advice": {k: v for _, fix in kept for k, v in fix.items()}}
+
+    @staticmethod
+    def _tone(normal, edited, region, attrs) -> float:
+        before = normal[region].astype(np.float32)
+        after = edited[region].astype(np.float32)
+        dl = float((luminance(after[None]) - luminance(before[None])).mean())
+        if attrs["tone"] == "darker":
+            return float(np.clip(-dl / 15, 0, 1))
+        if attrs["tone"] == "brighter":
+            return float(np.clip(dl / 15, 0, 1))
+        if attrs["tone"] == "background":
+            bg = background_colour(normal)
+            gone = np.linalg.norm(after - bg, axis=1).mean() / max(np.linalg.norm(before - bg, axis=1).mean(), 1e-6)
+            return float(np.clip((0.8 - gone) / 0.3, 0, 1))
+        # colour: the hue must change, and the new chroma (colour minus its grey level) must point
+        # towards the named colour; comparing the shift alone would let any desaturation of a brown
+        # surface pass for blue
+        chroma = lambda x: x - x.mean(axis=-1, keepdims=True)
+        new_chroma = chroma(after).mean(0)
+        moved = float(np.clip(np.linalg.norm(new_chroma - chroma(before).mean(0)) / 20, 0, 1))
+        if attrs["colour"] in COLOURS:
+            want = chroma(np.array(COLOURS[attrs["colour"]], np.float32))
+            cos = new_chroma @ want / (np.linalg.norm(new_chroma) * np.linalg.norm(want) + 1e-6)
+            return float(np.clip((cos - 0.5) / 0.3, 0, 1)) * moved
+        return moved
+
+    @staticmethod
+    def _tone_advice(name, attrs):
+        return {"darker": f"The {name} should be darker than the surrounding surface; make it dark.",
+                "brighter": f"The {name} should be brighter than the surrounding surface; make it bright.",
+                "background": "The removed part should show the background; remove the material cleanly.",
+                "colour": f"The colour change does not read as {attrs['colour'] or 'a new hue'}; "
+                          f"tint it clearly {attrs['colour'] or 'in another colour'}."}[attrs["tone"]]
+
+    @staticmethod
+    def _shape(region, family, scale) -> float:
+        el = elongation(region)
+        if family in ("line", "crack", "slit"):
+            rim = region & ~ndimage.binary_erosion(region)
+            width = 2 * region.sum() / max(rim.sum(), 1)     # area / half the perimeter
+            max_width = (7 if family == "slit" else 5) * scale
+            return float(np.clip((el - 1.5) / 1.5, 0, 1) * np.clip((1.5 * max_width - width) / (0.5 * max_width), 0, 1))
+        if family == "spot":
+            return float(np.clip((3.0 - el) / 0.8, 0, 1))
+        if family in ("blob", "patch"):
+            return float(np.clip((5.0 - el) / 1.5, 0, 1))
+        return 1.0
+
+    @staticmethod
+    def _shape_advice(name, family):
+        if family in ("line", "crack", "slit"):
+            return f"The {name} is too wide or compact; make it a thin, long line."
+        if family == "spot":
+            return f"The {name} is too elongated; make it a compact round spot."
+        return f"The {name} is too stretched; make it a compact irregular blob."
+
+
+# ---------------------------------------------------------------------------
+# MG: the difference segmenter
+# ---------------------------------------------------------------------------
+
+class DifferenceSegmenter:
+    """MG backend: the mask of what changed between the normal image and the edited one
+    (smoothing, a threshold, small-component removal, holes filled)."""
+
+    def __init__(self, threshold=8.0):
+        self.threshold = threshold   # grey levels of mean absolute change
+
+    def segment(self, normal, edited) -> np.ndarray:
+        side = normal.shape[0]
+        d = ndimage.gaussian_filter(change_map(normal, edited), 1.0)
+        mask = ndimage.binary_closing(d > self.threshold, iterations=1)
+        mask = remove_small(mask, max(4, int(0.0005 * side * side)))
+        return ndimage.binary_fill_holes(mask)

@@ -1,8 +1,10 @@
 """build_trajectories.py: reverse synthesis and the structure of the trajectories it writes."""
+import hashlib
 import json
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import ndimage
 
 import tools
@@ -131,3 +133,19 @@ def test_bad_input(tmp_path, built):
     assert result.returncode != 0 and "already holds trajectories" in result.stderr
     result = run_script("build_trajectories.py", "--ran-out-prob", "1.5", "--out", tmp_path / "o")
     assert result.returncode != 0 and "--ran-out-prob must be between 0 and 1" in result.stderr
+
+
+# What the fixture's run writes, pinned: a change that alters trajectories (text or images) must be
+# a decision, made by updating this digest, never a side effect of a refactor.
+TRAJECTORY_DIGEST = "5ce5d17697a31632"
+
+
+def test_trajectories_match_the_pinned_digest(built):
+    out, _, _ = built
+    digest = hashlib.sha256()
+    for name in ("train.jsonl", "val.jsonl"):
+        digest.update((out / name).read_bytes())
+    for path in sorted((out / "images").rglob("*.png")):
+        with Image.open(path) as image:   # the pixels, not the PNG encoder's bytes
+            digest.update(str(path.relative_to(out)).encode() + np.asarray(image).tobytes())
+    assert digest.hexdigest()[:16] == TRAJECTORY_DIGEST

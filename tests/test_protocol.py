@@ -100,7 +100,7 @@ def test_runner_survives_a_backend_crash(task, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("GPU on fire")
     box = tools.Toolbox()
-    monkeypatch.setattr(box.painter, "edit", boom)
+    monkeypatch.setattr(box.editor, "edit", boom)
     record = tools.run_episodes(Scripted([call("image_gen", prompt="a thin scratch", target_image=1)]),
                                 [task], box, max_turns=1)[0]
     assert "GPU on fire" in json.loads(tools.message_text(record["messages"][-1]))["error"]
@@ -185,3 +185,28 @@ def test_expert_works_without_knowledge_retrieval(toy):
     for r in tools.run_episodes(tools.ExpertPolicy(), tasks, box):
         assert "knowledge_retrieval" not in r["tool_calls"] and r["stop_reason"] == "answer"
         assert r["tool_calls"][-2:] == ["mask_gen", "answer"]
+
+
+class ProseJudge:
+    """A judge that writes only a score and a prose review, as a vision-language model might: no advice."""
+
+    def __init__(self):
+        self.inner = tools.MeasuredJudge()
+
+    def evaluate(self, normal, candidate, kind, entry):
+        result = self.inner.evaluate(normal, candidate, kind, entry)
+        return {"score": result["score"], "review": "I would change a few things about this defect."}
+
+
+def test_expert_plays_against_a_judge_that_gives_no_advice(toy):
+    box = tools.Toolbox(judge=ProseJudge())
+    tasks = [tools.Task(id=f"{c}/{t}", category=c, anomaly_type=t, image=toy.load(toy.train_good[c][0]),
+                        kind=toy.kinds[c], seed=11) for c in toy.eval_categories for t in toy.types(c)]
+    records = tools.run_episodes(tools.ExpertPolicy(seed=0), tasks, box, max_turns=10)
+    for r in records:
+        assert r["format_valid"] and r["stop_reason"] == "answer"
+        assert r["tool_calls"][-2:] == ["mask_gen", "answer"] and r["mask_index"] is not None
+    # the judge failed some first attempts, so the expert refined without advice, and said so
+    refined = [r for r in records if len(r["attempts"]) >= 2]
+    assert refined and all("advice" not in json.loads(tools.message_text(m))
+                           for r in refined for m in r["messages"] if m["role"] == "tool")

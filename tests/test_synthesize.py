@@ -195,7 +195,7 @@ def test_baselines_write_the_same_layout_and_resume(method, toy_root, toy, tmp_p
         assert r["method"] == method and r["messages"] == [] and 0 <= r["final_score"] <= 10
         assert np.array_equal(tools.load_image(out / r["step_images"][0]), normal)
         if method == "fixed-prompt":   # the mask is the mask tool's; the prompt names only type and item
-            assert r["prompt"] == f"Using the provided image, add a realistic {r['anomaly_type']} defect to the washer."
+            assert r["prompt"] == tools.local_edit_prompt(r["anomaly_type"], "the washer")
             assert np.array_equal(mask, tools.DifferenceSegmenter().segment(normal, image))
         else:                          # the edit is confined to its mask, which is never empty
             assert mask.any() and np.array_equal(image[~mask], normal[~mask])

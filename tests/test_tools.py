@@ -66,7 +66,7 @@ def test_prompt_gen_writes_a_local_edit_prompt_the_painter_reads_right(kb):
         for cat, spec in dataset.items():
             for t in spec["types"]:
                 entry = kb.lookup(cat, t, name)
-                p = tools.OfflinePromptWriter().write(entry, rng)
+                p = tools.OfflinePromptWriter().write(None, entry, rng)
                 assert p.startswith(f"Using the provided image, change only {entry['attributes']['part']}")
                 assert p.endswith("Keep the rest of the image unchanged.")
                 # the shape it asks for is the shape painted, whatever the type or part is called
@@ -79,10 +79,10 @@ def test_the_experts_rewritten_prompt_is_read_as_intended(toy):
         for t in toy.types(cat):
             task = tools.Task(id="x", category=cat, anomaly_type=t, image=normal(toy, cat), kind=toy.kinds[cat])
             entry = box.entry(task)
-            reply = tools.ExpertPolicy()._generate(cat, t, 128, {"attributes": entry["attributes"]}, [],
+            reply = tools.ExpertPolicy()._generate(cat, t, 128, {"attributes": entry["attributes"]}, {},
                                                    np.random.default_rng(0), "")
             prompt = tools.parse_turn(reply).call["arguments"]["prompt"]
-            spec = box.painter.read(prompt, 128, np.random.default_rng(0))
+            spec = box.editor.read(prompt, 128, np.random.default_rng(0))
             assert spec.family == entry["attributes"]["shape"] or (spec.family, toy.kinds[cat]) == ("notch", "texture")
             assert spec.strength > 0.75 and spec.soft == (entry["attributes"]["edge"] == "soft" and spec.family != "notch")
 
