@@ -15,9 +15,15 @@ The method is described in docs/METHOD.md. The offline backends behind the tools
 a procedural painter, a measured judge, a difference segmenter) live in toy_world.py, with the toy
 dataset's renderer; this module imports them, and re-exports the few measurements stages use.
 """
+import base64
+import io
 import json
+import os
 import re
 import shutil
+import time
+import urllib.error
+import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -516,6 +522,71 @@ def tool_spec(name) -> dict:
             props[arg]["items"] = {"type": "number"}
     return {"type": "function", "function": {"name": name, "description": s["description"],
             "parameters": {"type": "object", "properties": props, "required": s["required"]}}}
+
+
+# ---- model servers: any OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp, hosted APIs) ------
+# Used by the openai: backends and by a served policy. Only the standard library speaks HTTP here.
+
+def image_data_url(image) -> str:
+    """An HxWx3 (or HxW) uint8 image as a base64 PNG data URL, as chat APIs take images."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+class ModelServer:
+    """One model on an OpenAI-compatible server, from a spec "openai:<base-url>#<model>".
+
+    The API key is read once from the environment variable api_key_env (none: no Authorization
+    header) and is sent only in that header: it is never part of the spec, repr, log or any error.
+    Connection failures and 5xx / 429 replies are retried (retries times, with a growing wait);
+    any failure after that is a ToolError whose message names the server and the status."""
+
+    def __init__(self, spec, api_key_env="OPENAI_API_KEY", timeout=120.0, retries=2):
+        if not spec.startswith("openai:") or "#" not in spec:
+            raise UserError(f"'{spec}' is not an OpenAI-compatible endpoint: write openai:<base-url>#<model>")
+        self.base_url, self.model = spec[len("openai:"):].rsplit("#", 1)
+        self.base_url = self.base_url.rstrip("/")
+        if not self.base_url.startswith(("http://", "https://")) or not self.model:
+            raise UserError(f"'{spec}': the base URL must start with http:// or https:// and a model follow '#'")
+        self._key = os.environ.get(api_key_env) or None
+        self.timeout, self.retries = timeout, retries
+
+    def __repr__(self):
+        return f"ModelServer({self.base_url!r}, model={self.model!r})"
+
+    def post(self, path, body: bytes, content_type="application/json") -> dict:
+        """POST body to base_url + path and return the JSON reply."""
+        headers = {"Content-Type": content_type}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        where = f"{self.base_url}{path}"
+        for attempt in range(self.retries + 1):
+            try:
+                request = urllib.request.Request(where, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+                    return json.loads(reply.read().decode("utf-8", "replace"))
+            except urllib.error.HTTPError as e:
+                problem = f"HTTP {e.code} {e.reason}"
+                if e.code not in (429, 500, 502, 503, 504):
+                    break
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                problem = f"cannot reach the server ({getattr(e, 'reason', e)})"
+            except ValueError:
+                problem = "the reply is not JSON"
+                break
+            if attempt < self.retries:
+                time.sleep(0.5 * 2 ** attempt)
+        raise ToolError(f"{where}: {problem}")
+
+    def chat(self, messages, **params) -> str:
+        """The text of the model's reply to chat messages (OpenAI format; images as data URLs)."""
+        reply = self.post("/chat/completions",
+                          json.dumps({"model": self.model, "messages": messages, **params}).encode())
+        try:
+            return reply["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise ToolError(f"{self.base_url}/chat/completions: a reply without choices[0].message") from None
 
 
 class Toolbox:

@@ -1,4 +1,6 @@
 """The five tools: knowledge, prompt writer, painter, judge and segmenter, on toy-world images."""
+import json
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -277,3 +279,43 @@ def test_judge_scores_are_finite_and_ignore_the_named_type(toy, kb):
     as_stain, _ = session.call("quality_eval", {"anomaly_image": 2, "item_name": "wood", "anomaly_type": "stain"})
     as_hole, _ = session.call("quality_eval", {"anomaly_image": 2, "item_name": "wood", "anomaly_type": "hole"})
     assert as_hole["score"] == as_stain["score"]    # calling it a hole does not buy a hole's score
+
+
+# ---- model servers: the OpenAI-compatible client, against a loopback server ---------------------
+
+def test_model_server_retries_a_503_and_reports_a_401_without_the_key(monkeypatch):
+    import http.server
+    import threading
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.headers.get("Authorization"), body))
+            status = 503 if len(seen) == 1 else 401 if body["model"] == "locked" else 200
+            reply = json.dumps({"choices": [{"message": {"content": "hello"}}]}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("TEST_KEY", "sk-secret-123")
+        base = f"openai:http://127.0.0.1:{server.server_port}/v1"
+        ok = tools.ModelServer(base + "#m", api_key_env="TEST_KEY", retries=1, timeout=5)
+        assert ok.chat([{"role": "user", "content": "hi"}]) == "hello"
+        assert len(seen) == 2 and seen[1][0] == "Bearer sk-secret-123"   # the 503, then the retry
+        locked = tools.ModelServer(base + "#locked", api_key_env="TEST_KEY", retries=1, timeout=5)
+        with pytest.raises(tools.ToolError, match="HTTP 401") as error:
+            locked.chat([{"role": "user", "content": "hi"}])
+        assert len(seen) == 3   # a 401 is not retried
+        assert "sk-secret" not in str(error.value) + repr(ok) + repr(locked)
+    finally:
+        server.shutdown()
+    with pytest.raises(tools.UserError, match="openai:<base-url>#<model>"):
+        tools.ModelServer("http://no-prefix")
