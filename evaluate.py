@@ -2,13 +2,18 @@
 evaluate.py -- how good is a set of synthesized anomalies? The paper's evaluation protocol
 (docs/METHOD.md section 7), run on several generated sets side by side.
 
-    python synthesize.py && python synthesize.py --method draem --out runs/synth-draem
-    python evaluate.py --gen runs/synth runs/synth-draem                  # toy world, small preset
-    python evaluate.py --data mvtec --data-root /data/mvtec_anomaly_detection --gen runs/mvtec-agent
+    python synthesize.py && python evaluate.py                            # runs/synth, toy world, small preset
+    python synthesize.py --method draem --out runs/synth-draem
+    python evaluate.py --gen runs/synth runs/synth-draem                  # two sets side by side
+    python evaluate.py --gen runs/mvtec      # made with synthesize.py --data mvtec --data-root R --out runs/mvtec
     python benchmarks/compare.py                                          # the whole toy comparison
 
-Each --gen DIR is a folder in synthesize.py's layout, made by any method:
+Each --gen DIR (default runs/synth) is a folder in synthesize.py's layout, made by any method:
 DIR/<category>/<type>/image/<name>.png with its mask DIR/<category>/<type>/mask/<name>.png.
+The dataset, its folder and its image side come from DIR/config.json (synthesize.py writes it), so
+they need no flags; --data, --data-root and --size given on the command line win, with a notice
+where they disagree with it. Sets made from different datasets or image sides are refused: their
+real test sets differ. The categories evaluated are those the sets hold (or --categories).
 Per evaluation category the real anomalies of each type are sorted by file name: the first third
 are the few-shot references, the other two thirds the test set. For every set and category:
   classification  a ResNet34 with one output per anomaly type, trained only on the generated
@@ -52,17 +57,19 @@ PRESETS = {
 METRICS = ("is", "ic_lpips", "accuracy", "image_auroc", "image_ap", "image_f1", "pixel_auroc",
            "pixel_ap", "pixel_f1")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+DEFAULT_GEN = "runs/synth"   # where python synthesize.py writes by default
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--gen", nargs="+", required=True, metavar="DIR", help="generated sets to compare (synthesize.py's layout)")
-    data.add_argument("--data", default="toy", help="the real dataset: toy, mvtec or visa")
-    data.add_argument("--data-root", default=None, help="its folder (toy: where it is cached)")
-    data.add_argument("--size", type=int, default=None, help="the dataset's image side, as given to synthesize.py (toy 128, real 256)")
-    data.add_argument("--categories", default=None, help="comma list; default: the evaluation group")
+    data.add_argument("--gen", nargs="+", default=None, metavar="DIR", help=f"generated sets to compare (synthesize.py's layout; default: {DEFAULT_GEN})")
+    # None = not given: then the sets' config.json decides (see dataset_flags)
+    data.add_argument("--data", default=None, help="the real dataset: toy, mvtec or visa (default: the sets' config.json, else toy)")
+    data.add_argument("--data-root", default=None, help="its folder (default: the sets' config.json; toy: where it is cached)")
+    data.add_argument("--size", type=int, default=None, help="the dataset's image side, as given to synthesize.py (default: the sets' config.json; toy 128, real 256)")
+    data.add_argument("--categories", default=None, help="comma list; default: the categories the sets hold")
     train = p.add_argument_group("training (unset flags come from the preset)")
     train.add_argument("--preset", default="auto", help="toy (default on --data toy: 12 epochs, 128 px, lr 1e-3, UNet width 8, "
                        "from scratch; smaller than the paper's) or paper (default on real data: 30 epochs, 256 px, "
@@ -205,28 +212,69 @@ def real_sets(dataset, category, side) -> dict:
     }
 
 
+def run_config(folder) -> dict:
+    """A generated set's config.json, as synthesize.py writes it (data, data_root, size, method,
+    policy, ...); {} for a set made without it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        make = "python synthesize.py" + ("" if str(folder) == DEFAULT_GEN else f" --out {folder}")
+        raise tools.UserError(f"--gen {folder} does not exist or is not a folder: run {make} first")
+    if not (folder / "config.json").is_file():
+        return {}
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except ValueError:
+        raise tools.UserError(f"{folder / 'config.json'} is corrupt") from None
+
+
+def dataset_flags(args, folders, configs) -> list:
+    """--data, --data-root and --size left unset come from the sets' config.json (else the
+    defaults); returns a notice for each given flag that disagrees with a set's config. Sets of
+    different datasets or image sides are refused; a given --data-root settles sets that only
+    differ in where their dataset lay."""
+    made = {folder: config for folder, config in zip(folders, configs) if config}
+    notices = []
+    for key in ("data", "size", "data_root"):
+        flag, given = f"--{key.replace('_', '-')}", getattr(args, key)
+        recorded = {folder: c[key] for folder, c in made.items() if c.get(key) is not None}
+        if len(set(recorded.values())) > 1 and (given is None or key != "data_root"):
+            raise tools.UserError("the sets were made from different datasets or image sides (" + "; ".join(
+                f"{f}: {c.get('data')}, {c.get('size')} px, {c.get('data_root')}" for f, c in made.items())
+                + "): evaluate them in separate runs")
+        if given is None:
+            value = next(iter(recorded.values()), None)
+            if key == "data_root" and value and args.data != "toy" and not Path(value).is_dir():
+                raise tools.UserError(f"{next(iter(recorded))}/config.json names the dataset folder {value}, "
+                                      "which is not here; pass --data-root")
+            setattr(args, key, value)
+            continue
+        for folder, value in recorded.items():
+            if (Path(given).resolve() == Path(value)) if key == "data_root" else given == value:
+                continue
+            if key == "data":   # its categories and types are another dataset's: nothing to evaluate
+                raise tools.UserError(f"--gen {folder} was synthesized on --data {value}, not on {given} "
+                                      "(its config.json)")
+            notices.append(f"note: {flag} {given} given; {folder} was synthesized with {flag} {value} (its config.json)")
+    args.data = args.data or "toy"
+    return notices
+
+
+def category_dirs(folder) -> list:
+    """The category folders of synthesize.py's layout in a set: those holding <type>/image/."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_dir() and any((t / "image").is_dir() for t in p.iterdir()))
+
+
 def read_generated(folder, dataset, categories) -> dict:
     """List a generated set: {category: [(image path, mask path, type)]}, its name and notes.
     Anything that does not fit the dataset is an error naming the file; gaps are notes."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise tools.UserError(f"--gen {folder} does not exist or is not a folder")
-    name, config = folder.name, {}
-    if (folder / "config.json").is_file():
-        try:
-            config = json.loads((folder / "config.json").read_text())
-        except ValueError:
-            raise tools.UserError(f"{folder / 'config.json'} is corrupt") from None
+    name, config = folder.name, run_config(folder)
+    if config:
         method = config.get("method", "agent")
         name = f"agent ({config.get('policy', '?')})" if method == "agent" else method
-        if config.get("data", dataset.name) != dataset.name:
-            raise tools.UserError(f"--gen {folder} was synthesized on --data {config['data']}, "
-                                  f"not on {dataset.name} (its config.json)")
     samples, notes = {}, []
-    for cat_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for cat_dir in category_dirs(folder):
         type_dirs = sorted(p for p in cat_dir.iterdir() if (p / "image").is_dir())
-        if not type_dirs:
-            continue   # not a category folder of the layout
         if cat_dir.name not in dataset.categories:
             raise tools.UserError(f"{cat_dir}: '{cat_dir.name}' is not a category of {dataset.name} "
                                   f"(known: {', '.join(dataset.categories)})")
@@ -553,11 +601,17 @@ def settings(args) -> dict:
 
 def main(argv=None):
     args = get_args(argv)
+    folders = [Path(f) for f in args.gen or [DEFAULT_GEN]]
+    notices = dataset_flags(args, folders, [run_config(f) for f in folders])
     config = settings(args)
     dataset = tools.load_dataset(args.data, args.data_root, args.size)
-    categories = (dataset.eval_categories if args.categories is None
-                  else [dataset.check_category(c) for c in tools.comma_list(args.categories, "--categories")])
-    sets = [read_generated(folder, dataset, categories) for folder in args.gen]
+    if args.categories is None:   # the categories the sets hold, the evaluation group's first
+        held = {d.name for f in folders for d in category_dirs(f)}
+        order = dataset.eval_categories + [c for c in dataset.categories if c not in dataset.eval_categories]
+        categories = [c for c in order if c in held] or dataset.eval_categories
+    else:
+        categories = [dataset.check_category(c) for c in tools.comma_list(args.categories, "--categories")]
+    sets = [read_generated(folder, dataset, categories) for folder in folders]
     names = [s["name"] for s in sets]
     for s in sets:   # two sets of one method get their folder's name too
         if names.count(s["name"]) > 1:
@@ -571,7 +625,7 @@ def main(argv=None):
     if args.pretrained != "none":
         resnet34(2, args.pretrained)   # fail now, not after the first category
     networks, perceptual_reason = perceptual_networks(args.device)
-    print(f"evaluating {len(sets)} set(s) on {dataset.name}: {', '.join(categories)}"
+    print("\n".join(notices + [f"evaluating {len(sets)} set(s) on {dataset.name}: {', '.join(categories)}"])
           + (f"\n{perceptual_reason}" if perceptual_reason else ""))
 
     rows = {s["name"]: {} for s in sets}

@@ -156,7 +156,7 @@ def test_unet_shape_focal_loss_and_image_score():
 
 
 def test_training_is_deterministic_and_selection_on_test_only_flatters(small_world):
-    args = evaluate.get_args(["--gen", "x", "--image-size", "64", "--loc-epochs", "3", "--unet-width", "4"])
+    args = evaluate.get_args(["--gen", "x", "--data", "toy", "--image-size", "64", "--loc-epochs", "3", "--unet-width", "4"])
     evaluate.settings(args)
     real = evaluate.real_sets(tools.load_dataset("toy", small_world, 64), "washer", 64)
     rng = np.random.default_rng(0)
@@ -254,7 +254,8 @@ def test_bad_generated_folders_are_named(damage, message, small_world, two_sets,
         config = json.loads((gen / "config.json").read_text())
         (gen / "config.json").write_text(json.dumps({**config, "data": "mvtec"}))
     with pytest.raises(tools.UserError, match=message):
-        evaluate.main(["--gen", str(gen), "--data-root", str(small_world), "--size", "64", "--out", str(tmp_path / "e")])
+        evaluate.main(["--gen", str(gen), "--data", "toy", "--data-root", str(small_world), "--size", "64",
+                       "--out", str(tmp_path / "e")])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -269,3 +270,70 @@ def test_bad_flags_are_one_line(args, message, small_world, two_sets, tmp_path):
                         "--out", tmp_path / "e", *args)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and message in result.stderr, result.stderr
+
+
+# ---- the dataset from the sets' config.json ------------------------------------------------------
+
+TINY = ["--image-size", "32", "--epochs", "1", "--loc-epochs", "1", "--threads", "1"]
+
+
+def test_the_quick_start_chain_runs_without_flags(tmp_path):
+    """python synthesize.py, then python evaluate.py as written: runs/synth on the toy world."""
+    result = run_script("evaluate.py", *TINY, cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip() == ("error: --gen runs/synth does not exist or is not a folder: "
+                                     "run python synthesize.py first")
+    assert run_script("synthesize.py", "--per-type", "1", cwd=tmp_path).returncode == 0
+    result = run_script("evaluate.py", *TINY, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "runs" / "eval" / "results.json").read_text())
+    config = json.loads((tmp_path / "runs" / "synth" / "config.json").read_text())
+    assert results["data"] == "toy" and results["data_root"] == config["data_root"]
+    assert results["categories"] == ["wood", "leather", "bottle", "washer"]   # what synthesize.py made
+    [agent] = results["methods"]
+    assert agent["dir"] == "runs/synth" and agent["complete"] and "note:" not in result.stdout
+
+
+def test_a_set_of_another_size_needs_no_data_flags(small_world, two_sets, tmp_path):
+    """The sets were made with --size 64 on small_world; --data-root given elsewhere wins, with a notice."""
+    result = run_script("evaluate.py", "--gen", two_sets / "agent", "--categories", "washer", *TINY,
+                        "--out", tmp_path / "e", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert results["data_root"] == str(small_world.resolve()) and "note:" not in result.stdout
+    assert results["methods"][0]["categories"]["washer"]["generated"] == 6
+
+    copy = tmp_path / "world-copy"
+    shutil.copytree(small_world, copy)
+    result = run_script("evaluate.py", "--gen", two_sets / "agent", "--data-root", copy, "--categories", "washer",
+                        *TINY, "--out", tmp_path / "e2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"note: --data-root {copy} given; {two_sets / 'agent'} was synthesized with --data-root " \
+           f"{small_world.resolve()} (its config.json)" in result.stdout
+    assert json.loads((tmp_path / "e2" / "results.json").read_text())["data_root"] == str(copy)
+
+
+@pytest.mark.parametrize("change", [{"data": "mvtec"}, {"size": 96}])
+def test_sets_of_different_datasets_are_refused(change, small_world, two_sets, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(two_sets / "agent", other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, **change}))
+    result = run_script("evaluate.py", "--gen", two_sets / "agent", other, "--out", tmp_path / "e", cwd=tmp_path)
+    assert result.returncode != 0
+    line = result.stderr.strip()
+    assert line.splitlines() == [line] and "made from different datasets or image sides" in line, line
+    assert f"{two_sets / 'agent'}: toy, 64 px" in line
+    assert f"{other}: {change.get('data', 'toy')}, {change.get('size', 64)} px" in line
+
+
+def test_a_real_dataset_comes_from_the_config(tmp_path):
+    gen = tmp_path / "mvtec-set"
+    gen.mkdir()
+    args = evaluate.get_args(["--gen", str(gen)])
+    config = {"data": "mvtec", "data_root": str(tmp_path), "size": 256, "method": "agent"}
+    assert evaluate.dataset_flags(args, [gen], [config]) == []
+    assert (args.data, args.data_root, args.size) == ("mvtec", str(tmp_path), 256)
+    assert evaluate.settings(args)["preset"] == "paper"   # the real-data preset, as with --data mvtec
+    with pytest.raises(tools.UserError, match="names the dataset folder /gone, which is not here; pass --data-root"):
+        evaluate.dataset_flags(evaluate.get_args([]), [gen], [{**config, "data_root": "/gone"}])
