@@ -226,6 +226,10 @@ def main(argv=None):
     for flag, value in (("--kr-prob", args.kr_prob), ("--ran-out-prob", args.ran_out_prob)):
         if not 0 <= value <= 1:
             raise tools.UserError(f"{flag} must be between 0 and 1, got {value}")
+    if not 0 <= args.val_fraction < 1:
+        raise tools.UserError(f"--val-fraction must be at least 0 and below 1, got {args.val_fraction}")
+    if args.limit is not None and args.limit < 1:
+        raise tools.UserError(f"--limit must be at least 1, got {args.limit}")
     out = Path(args.out)
     if (out / "train.jsonl").exists():
         raise tools.UserError(f"{out} already holds trajectories; pass another --out or delete it")
@@ -273,9 +277,7 @@ def main(argv=None):
     if not splits["train"]:
         raise tools.UserError("no trajectory could be built (every real anomaly failed quality evaluation)")
     for split, records in splits.items():
-        tmp = out / f"{split}.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        tmp.replace(out / f"{split}.jsonl")
+        tools.write_atomic(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     print(f"{len(splits['train'])} train + {len(splits['val'])} val trajectories in {out}")
     for key in sorted(counts):
         print(f"  {key}: {counts[key]}")

@@ -569,12 +569,6 @@ def markdown(results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path, text) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def settings(args) -> dict:
     """Fill the flags left unset from the preset, and check them."""
     args.preset = ("toy" if args.data == "toy" else "paper") if args.preset == "auto" else args.preset
@@ -617,11 +611,22 @@ def main(argv=None):
         if names.count(s["name"]) > 1:
             s["name"] = f"{s['name']} [{Path(s['dir']).name}]"
     out = Path(args.out)
+    tools.write_atomic(out / "results.md", "(evaluation in progress)\n")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "results.md", "(evaluation in progress)\n")
-    except OSError as e:
-        raise tools.UserError(f"cannot write to --out {out}: {e.strerror or e}") from None
+        results = evaluate_sets(sets, dataset, categories, config, args)
+    except (Exception, KeyboardInterrupt) as e:
+        reason = ("interrupted" if isinstance(e, KeyboardInterrupt) else
+                  str(e) if isinstance(e, tools.UserError) else f"{type(e).__name__}: {e}")
+        tools.write_atomic(out / "results.md", f"(evaluation failed: {reason})\n")
+        raise
+    tools.write_json(out / "results.json", results)
+    table = markdown(results)
+    tools.write_atomic(out / "results.md", table)
+    print(table + f"written: {out / 'results.json'}, {out / 'results.md'}")
+
+
+def evaluate_sets(sets, dataset, categories, config, args) -> dict:
+    """Train and test the models on every generated set and category: the results behind the table."""
     if args.pretrained != "none":
         resnet34(2, args.pretrained)   # fail now, not after the first category
     networks, perceptual_reason = perceptual_networks(args.device)
@@ -658,12 +663,8 @@ def main(argv=None):
                 for k in METRICS}
         methods.append({"name": s["name"], "dir": s["dir"], "config": s["config"], "categories": per_cat,
                         "mean": mean, "complete": len(per_cat) == len(categories), "notes": s["notes"]})
-    results = {"data": dataset.name, "data_root": str(dataset.root), "categories": categories,
-               "settings": config, "perceptual_reason": perceptual_reason, "methods": methods}
-    write_atomic(out / "results.json", json.dumps(results, indent=1))
-    table = markdown(results)
-    write_atomic(out / "results.md", table)
-    print(table + f"written: {out / 'results.json'}, {out / 'results.md'}")
+    return {"data": dataset.name, "data_root": str(dataset.root), "categories": categories,
+            "settings": config, "perceptual_reason": perceptual_reason, "methods": methods}
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ recomputed by a forward pass at the start of the update, not kept from sampling.
 import argparse
 import copy
 import json
-import os
 import random
 import sys
 import time
@@ -94,7 +93,27 @@ def get_args(argv=None):
     run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     run.add_argument("--seed", type=int, default=0, help="seed of prompts, sampling and tools")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_flags(args)
+    return args
+
+
+def check_flags(args) -> None:
+    """Every numeric flag against its meaning: a bad value stops the run here, in one line.
+    (--prompts-per-step is checked against the prompt pool once the data has loaded.)"""
+    def require(ok, flag, allowed):
+        if not ok:
+            raise tools.UserError(f"--{flag} must be {allowed}, not {getattr(args, flag.replace('-', '_'))}")
+    require(args.group_size >= 2, "group-size", "at least 2 (GRPO compares episodes within a group)")
+    for flag in ("prompts-per-step", "max-turns", "max-new-tokens", "lora-rank", "steps", "ppo-epochs",
+                 "minibatch", "micro-batch", "eval-per-type", "save-every"):
+        require(getattr(args, flag.replace("-", "_")) >= 1, flag, "at least 1")
+    for flag in ("warmup-steps", "eval-every", "t-max"):
+        require(getattr(args, flag.replace("-", "_")) >= 0, flag, "at least 0")
+    for flag in ("temperature", "lr", "clip-eps", "grad-clip"):
+        value = getattr(args, flag.replace("-", "_"))
+        require(value is None or value > 0, flag, "above 0")
+    require(args.kl_coef >= 0, "kl-coef", "at least 0")
 
 
 # ---- the policy and its frozen reference --------------------------------------------------------
@@ -239,6 +258,9 @@ def update(policy, reference, optimizer, params, buffer, args, autocast):
                 if not torch.isfinite(loss):
                     optimizer.zero_grad(set_to_none=True)
                     raise FloatingPointError(f"the GRPO loss is {loss.item()}")
+                # grpo_loss is the mean over this micro-batch's tokens; weighted by its share of
+                # the mini-batch's tokens, the gradients add up to the mean over all of them, as
+                # if the mini-batch were one forward pass
                 (loss * float(mask.sum()) / n_tokens).backward()
                 stats.append({**s, "loss": loss.item(), "tokens": float(mask.sum())})
             norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -274,6 +296,8 @@ def summarize(records, parts, prefix="") -> dict:
 
 def evaluate(policy, dataset, plan, toolbox, args, temperature=0.0) -> dict:
     """Episodes on the held-out prompts, greedy unless a temperature is given (benchmarks/heldout.py)."""
+    # a swap: the policy plays at the evaluation's temperature while `temperature` keeps the
+    # training one, which is put back below
     temperature, policy.temperature = policy.temperature, temperature
     policy.model.eval()
     records = []
@@ -305,52 +329,90 @@ def plot_curve(metrics, path):
         x, y = xy(s, v)
         draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(255, 127, 14))
     draw.text((pad + 8, 8), "mean reward: training (line), held-out greedy (dots)", fill="black")
-    tmp = Path(str(path) + ".tmp.png")
-    image.save(tmp)
-    os.replace(tmp, path)
+    tools.write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+# ---- the run folder: settings, checkpoint and log, so that --resume continues exactly ----------
+
+# what may change when a run is resumed; everything else must match the saved run_config.json
+RESUMABLE = {"resume", "steps", "eval_every", "save_every", "device"}
+
+
+def resume_state(out, args):
+    """The checkpoint this run continues, or None for a fresh start. Refuses to overwrite a run,
+    to resume a finished one, or to resume with other settings. A run killed before its first
+    checkpoint saved nothing to keep: it starts over."""
+    if not (out / "checkpoint.pt").is_file():
+        started = (out / "metrics.jsonl").exists() or (out / "run_config.json").exists()
+        if args.resume and not started:
+            raise tools.UserError(f"--resume: no checkpoint.pt in {out}")
+        if started:
+            print(f"{out} holds no checkpoint yet: starting over")
+        return None
+    if not args.resume:
+        raise tools.UserError(f"{out} holds a run: pass --resume to continue it, or another --out")
+    if (out / "run_config.json").is_file():
+        try:
+            saved = json.loads((out / "run_config.json").read_text())
+        except ValueError:
+            raise tools.UserError(f"{out / 'run_config.json'} is corrupt; pass another --out") from None
+        changed = [f"--{k.replace('_', '-')} {saved[k]} -> {v}" for k, v in vars(args).items()
+                   if k not in RESUMABLE and k in saved and v is not None and saved[k] != v]
+        if changed:
+            raise tools.UserError(f"--resume: {out} was run with other settings ({'; '.join(changed)})")
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    if state["step"] >= args.steps:
+        raise tools.UserError(f"--resume: the run in {out} is finished (step {state['step']} of --steps "
+                              f"{args.steps}); pass a larger --steps to train on")
+    return state
+
+
+def random_states() -> dict:
+    """Every random state training reads: Python's (the mini-batch order), torch's and CUDA's
+    (sampling). Prompts and tools draw from seeds of their own."""
+    return {"python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def save_checkpoint(out, policy, optimizer, step):
     """OUT/checkpoint.pt: trainable weights, optimizer and random states, written then renamed."""
     trainable = {n: p.detach().cpu() for n, p in policy.model.named_parameters() if p.requires_grad}
-    tmp = out / "checkpoint.pt.tmp"
-    torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "step": step,
-                "python_rng": random.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
-    os.replace(tmp, out / "checkpoint.pt")
+    state = {"model": trainable, "optimizer": optimizer.state_dict(), "step": step, **random_states()}
+    tools.write_atomic(out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(state, policy, optimizer) -> int:
+    """Put the trained weights, the optimizer and the random states back; returns the step."""
+    policy.model.load_state_dict(state["model"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    random.setstate(state["python_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"]
 
 
 def read_metrics(path, upto) -> list:
-    """The logged lines of steps up to `upto` (a resumed run redoes the steps after its checkpoint)."""
+    """The logged lines of steps up to `upto` (-1: none): a resumed run redoes the steps after its
+    checkpoint, a run that starts over all of them."""
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     return [m for m in lines if m["step"] <= upto]
-
-
-# what may change when a run is resumed; everything else must match the saved run_config.json
-RESUMABLE = {"resume", "steps", "eval_every", "save_every", "device"}
 
 
 def main(argv=None):
     args = get_args(argv)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    if args.group_size < 2:
-        raise tools.UserError("--group-size must be at least 2: GRPO compares episodes within a group")
     out = Path(args.out)
-    if (out / "metrics.jsonl").exists() and not args.resume:
-        raise tools.UserError(f"{out} holds a run: pass --resume to continue it, or another --out")
-    if args.resume and not (out / "checkpoint.pt").is_file():
-        raise tools.UserError(f"--resume: no checkpoint.pt in {out}")
-    if args.resume and (out / "run_config.json").is_file():
-        saved = json.loads((out / "run_config.json").read_text())
-        changed = [f"--{k.replace('_', '-')} {saved[k]} -> {v}" for k, v in vars(args).items()
-                   if k not in RESUMABLE and k in saved and v is not None and saved[k] != v]
-        if changed:
-            raise tools.UserError(f"--resume: {out} was run with other settings ({'; '.join(changed)})")
+    state = resume_state(out, args)
 
     # setup: data, tools, the policy with its reference, the optimizer
     dataset = tools.load_dataset(args.data, args.data_root, args.size)
     toolbox = tools.Toolbox(tools.parse_tools_flag(args.tools))
     pool = prompt_pool(dataset, args.seed)
+    if args.prompts_per_step > len(pool):
+        raise tools.UserError(f"--prompts-per-step must be at most {len(pool)} (the prompt pool of "
+                              f"{dataset.name}), not {args.prompts_per_step}")
     held_out = validation_prompts(dataset, args.eval_per_type, args.seed)
     policy, reference, use_lora, lr = load_models(args)
     params = [p for p in policy.model.parameters() if p.requires_grad]
@@ -358,23 +420,15 @@ def main(argv=None):
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.device.startswith("cuda") \
         else nullcontext
     start_step = 0
-    if args.resume:
-        state = torch.load(out / "checkpoint.pt", weights_only=False)
-        policy.model.load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = state["step"]
-        random.setstate(state["python_rng"])
-        torch.set_rng_state(state["torch_rng"])
+    if state is not None:
+        start_step = load_checkpoint(state, policy, optimizer)
         print(f"resuming after step {start_step} of {args.steps}")
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = read_metrics(out / "metrics.jsonl", start_step)
-    (out / "run_config.json").write_text(json.dumps(vars(args), indent=1))   # config.json is the model's
+    metrics = read_metrics(out / "metrics.jsonl", start_step if state is not None else -1)
+    tools.write_json(out / "run_config.json", {**vars(args), "lr": lr})   # config.json is the model's
 
     def log(entry):
         metrics.append(entry)
-        tmp = out / "metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
-        os.replace(tmp, out / "metrics.jsonl")
+        tools.write_atomic(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
         plot_curve(metrics, out / "reward_curve.png")
 
     if start_step == 0:
@@ -420,7 +474,7 @@ def main(argv=None):
     before = next(m for m in metrics if m["step"] == 0)
     after = metrics[-1]
     summary = {k: {"before": before[k], "after": after[k]} for k in before if k.startswith("eval_")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    tools.write_json(out / "summary.json", summary)
     print(f"saved {out}. Held-out prompts (greedy): mean reward "
           f"{before['eval_reward_mean']:.3f} -> {after['eval_reward_mean']:.3f}, final QE "
           f"{before['eval_final_qe']} -> {after['eval_final_qe']}, completed "

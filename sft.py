@@ -10,9 +10,10 @@ system prompt, user message and tool observations are context. The vision encode
 projector and the language model train (fully, or with LoRA: the default above 1B parameters).
 AdamW with a cosine schedule after warmup, gradient accumulation, gradient clipping, bf16 autocast
 on GPU, validation loss every --eval-every steps, a checkpoint every --save-every steps (--resume
-continues from it). At the end it saves the model to OUT (load it with --policy OUT in
-synthesize.py and rl.py) and plays a short rollout evaluation on --data's evaluation categories:
-the share of well-formed turns and of completed episodes (answer after mask).
+continues from it exactly, with the same settings). At the end it saves the model to OUT (load it
+with --policy OUT in synthesize.py and rl.py), removes the checkpoint it supersedes, and plays a
+short rollout evaluation on --data's evaluation categories: the share of well-formed turns and of
+completed episodes (answer after mask).
 
 Simplifies: one conversation's images are encoded at the processor's fixed size; sequences are
 not packed.
@@ -25,6 +26,7 @@ import re
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -63,11 +65,29 @@ def get_args(argv=None):
     run.add_argument("--eval-every", type=int, default=100, help="steps between validation losses")
     run.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
     run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    run.add_argument("--rollouts", type=int, default=2, help="episodes per (category, type) in the final evaluation")
+    run.add_argument("--rollouts", type=int, default=2, help="episodes per (category, type) in the final evaluation (0: none)")
     run.add_argument("--max-turns", type=int, default=10, help="turns per evaluation episode")
     run.add_argument("--seed", type=int, default=0, help="seed of initialization, order and sampling")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_flags(args)
+    return args
+
+
+def check_flags(args) -> None:
+    """Every numeric flag against its meaning: a bad value stops the run here, in one line."""
+    def require(ok, flag, allowed):
+        if not ok:
+            raise tools.UserError(f"--{flag} must be {allowed}, not {getattr(args, flag.replace('-', '_'))}")
+    for flag in ("batch-size", "micro-batch", "eval-every", "save-every", "max-turns", "lora-rank"):
+        require(getattr(args, flag.replace("-", "_")) >= 1, flag, "at least 1")
+    require(args.rollouts >= 0, "rollouts", "at least 0 (0: no rollout evaluation)")
+    for flag in ("epochs", "lr", "grad-clip"):
+        value = getattr(args, flag.replace("-", "_"))
+        require(value is None or value > 0, flag, "above 0")
+    for flag in ("warmup", "rename-prob"):
+        require(0 <= getattr(args, flag.replace("-", "_")) <= 1, flag, "between 0 and 1")
+    require(args.weight_decay >= 0, "weight-decay", "at least 0")
 
 
 def read_trajectories(path) -> list:
@@ -135,22 +155,11 @@ def prepare_model(policy, args):
     return use_lora
 
 
-def save_checkpoint(out, policy, optimizer, scheduler, step, use_lora):
-    """OUT/checkpoint, written beside and renamed over the last one, so a kill never loses both."""
-    tmp, final = out / "checkpoint.tmp", out / "checkpoint"
-    policy.save(tmp) if not use_lora else policy.model.save_pretrained(tmp)
-    policy.tokenizer.save_pretrained(tmp)
-    policy.image_processor.save_pretrained(tmp)
-    torch.save({"model": policy.model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "python_rng": random.getstate(),
-                "torch_rng": torch.get_rng_state()}, tmp / "training_state.pt")
-    if final.exists():
-        old = out / "checkpoint.old"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
+def warmup_cosine(step, warmup, total) -> float:
+    """The learning rate's share of its peak at a step: linear warmup over `warmup` steps, then a
+    cosine decay to 0 at step `total`."""
+    return min(1.0, (step + 1) / max(warmup, 1)) * (
+        0.5 * (1 + math.cos(math.pi * min(1.0, max(0, step - warmup) / max(1, total - warmup)))))
 
 
 def rollout_evaluation(policy, args):
@@ -166,6 +175,114 @@ def rollout_evaluation(policy, args):
     return tools.episode_stats(records)
 
 
+# ---- the run folder: settings, checkpoint and log, so that --resume continues exactly ----------
+
+# what may change when a run is resumed; everything else must match the saved run_config.json
+RESUMABLE = {"resume", "eval_every", "save_every", "device"}
+
+
+def resumes_checkpoint(out, args) -> bool:
+    """Whether this run resumes OUT's checkpoint. Refuses to overwrite a model or a checkpoint,
+    to resume a finished run, or to resume with other settings. A run killed before its first
+    checkpoint saved nothing to keep: it starts over."""
+    checkpoint = out / "checkpoint" / "training_state.pt"
+    if (out / "config.json").exists() and not checkpoint.exists():
+        raise tools.UserError(f"the run in {out} is finished (its model is saved); pass another --out"
+                              if args.resume else f"{out} already holds a model; pass another --out")
+    if not checkpoint.exists():
+        if args.resume and not (out / "run_config.json").exists():
+            raise tools.UserError(f"--resume: no checkpoint in {out}")
+        if (out / "run_config.json").exists():
+            print(f"{out} holds no checkpoint yet: starting over")
+        return False
+    if not args.resume:
+        raise tools.UserError(f"{out} holds a checkpoint: pass --resume to continue it, or another --out")
+    if (out / "run_config.json").exists():
+        try:
+            saved = json.loads((out / "run_config.json").read_text())
+        except ValueError:
+            raise tools.UserError(f"{out / 'run_config.json'} is corrupt; pass another --out") from None
+        changed = [f"--{k.replace('_', '-')} {saved[k]} -> {v}" for k, v in vars(args).items()
+                   if k not in RESUMABLE and k in saved and v is not None and saved[k] != v]
+        if changed:
+            raise tools.UserError(f"--resume: {out} was run with other settings ({'; '.join(changed)})")
+    return True
+
+
+def random_states(order_rng) -> dict:
+    """Every random state training reads: Python's, numpy's, torch's (and CUDA's), and the
+    generator that orders the trajectories and picks which to rename."""
+    return {"python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
+            "torch_rng": torch.get_rng_state(), "order_rng": order_rng.getstate(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def save_checkpoint(out, policy, optimizer, scheduler, step, use_lora, order_rng):
+    """OUT/checkpoint, written beside and renamed over the last one, so a kill never loses both."""
+    tmp, final = out / "checkpoint.tmp", out / "checkpoint"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)   # what a kill left mid-save
+        policy.save(tmp) if not use_lora else policy.model.save_pretrained(tmp)
+        policy.tokenizer.save_pretrained(tmp)
+        policy.image_processor.save_pretrained(tmp)
+        torch.save({"model": policy.model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "step": step, **random_states(order_rng)},
+                   tmp / "training_state.pt")
+        if final.exists():
+            old = out / "checkpoint.old"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+    except OSError as e:
+        raise tools.UserError(f"cannot write the checkpoint {final}: {e.strerror or e}") from None
+
+
+def load_checkpoint(out, policy, optimizer, scheduler, order_rng) -> int:
+    """Put the model, the optimizer, the schedule and every random state back; returns the step."""
+    state = torch.load(out / "checkpoint" / "training_state.pt", weights_only=False)
+    policy.model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    random.setstate(state["python_rng"])
+    np.random.set_state(state["numpy_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    order_rng.setstate(state["order_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"]
+
+
+def remove_checkpoint(out) -> None:
+    """The final model supersedes the checkpoint; without training_state.pt the run counts as
+    finished, so that file goes first."""
+    (out / "checkpoint" / "training_state.pt").unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+
+
+def cut_metrics(path, upto) -> None:
+    """Keep the log's lines of steps up to `upto` (-1: none): a resumed run redoes the steps after
+    its checkpoint, a run that starts over all of them. A line a kill cut short goes too."""
+    kept = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            if json.loads(line)["step"] <= upto:
+                kept.append(line + "\n")
+        except ValueError:
+            pass
+    tools.write_atomic(path, "".join(kept))
+
+
+def append_metrics(path, entry) -> None:
+    """One line per step, on disk as soon as the step ends."""
+    try:
+        with open(path, "a") as log:
+            log.write(json.dumps(entry) + "\n")
+    except OSError as e:
+        raise tools.UserError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def main(argv=None):
     args = get_args(argv)
     random.seed(args.seed)
@@ -176,16 +293,9 @@ def main(argv=None):
     train = read_trajectories(folder / "train.jsonl")
     has_val = (folder / "val.jsonl").is_file() and (folder / "val.jsonl").stat().st_size > 0
     val = read_trajectories(folder / "val.jsonl") if has_val else train[:8]   # tiny runs have no val split
-    if (out / "config.json").exists() and not args.resume and not (out / "checkpoint").exists():
-        raise tools.UserError(f"{out} already holds a model; pass another --out")
-    if (out / "checkpoint").exists() and not args.resume:
-        raise tools.UserError(f"{out} holds a checkpoint: pass --resume to continue it, or another --out")
+    resuming = resumes_checkpoint(out, args)
 
-    # the policy, its trainable parameters, the optimizer and the schedule
-    if args.resume:
-        if not (out / "checkpoint" / "training_state.pt").is_file():
-            raise tools.UserError(f"--resume: no checkpoint in {out}")
-        state = torch.load(out / "checkpoint" / "training_state.pt", weights_only=False)
+    # setup: the policy, its trainable parameters, the optimizer, the schedule and the order
     if args.policy == "tiny":
         texts = [m["content"] if isinstance(m["content"], str) else tools.message_text(m)
                  for r in train for m in r["messages"]]
@@ -200,33 +310,29 @@ def main(argv=None):
     params = [p for p in policy.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
     total_steps = max(1, math.ceil(args.epochs * len(train) / args.batch_size))
-    warmup = int(args.warmup * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * (
-        0.5 * (1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, total_steps - warmup))))))
-    step = 0
-    if args.resume:
-        policy.model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
-        random.setstate(state["python_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        print(f"resuming from step {step} of {total_steps}")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.device.startswith("cuda") \
-        else (lambda: torch.autocast("cpu", enabled=False))
-    out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "metrics.jsonl", "a")
-
-    # the loop: each step takes the next batch_size trajectories of a per-epoch shuffled order
-    order = []
-    rng = random.Random(args.seed)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(warmup_cosine, warmup=int(args.warmup * total_steps), total=total_steps))
+    # each step takes the next batch_size trajectories of a per-epoch shuffled order; the same
+    # generator then picks which to rename, so the checkpoint keeps its state
+    order, rng = [], random.Random(args.seed)
     for _ in range(math.ceil(args.epochs) + 1):
         epoch = list(range(len(train)))
         rng.shuffle(epoch)
         order += epoch
+    step = 0
+    if resuming:
+        step = load_checkpoint(out, policy, optimizer, scheduler, rng)
+        print(f"resuming from step {step} of {total_steps}")
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.device.startswith("cuda") \
+        else (lambda: torch.autocast("cpu", enabled=False))
+    tools.write_json(out / "run_config.json", {**vars(args), "lr": lr})   # config.json is the model's
+    log = out / "metrics.jsonl"
+    cut_metrics(log, step if resuming else -1)
+
+    # the loop
     if step == 0:
         first = validation_loss(policy, val, args.micro_batch, autocast)
-        log.write(json.dumps({"step": 0, "val_loss": first}) + "\n")
+        append_metrics(log, {"step": 0, "val_loss": first})
         print(f"step 0: validation loss {first:.3f}")
     bar = tqdm(range(step, total_steps), desc="sft", initial=step, total=total_steps)
     start = time.time()
@@ -256,20 +362,22 @@ def main(argv=None):
         if (step + 1) % args.eval_every == 0 or step + 1 == total_steps:
             entry["val_loss"] = validation_loss(policy, val, args.micro_batch, autocast)
             bar.write(f"step {step + 1}: validation loss {entry['val_loss']:.3f}")
-        log.write(json.dumps(entry) + "\n")
-        log.flush()
+        append_metrics(log, entry)
         if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(out, policy, optimizer, scheduler, step + 1, use_lora)
-    log.close()
+            save_checkpoint(out, policy, optimizer, scheduler, step + 1, use_lora, rng)
 
     # save the final model (LoRA merged in, so every stage loads a plain model) and evaluate it
     if use_lora:
         policy.model = policy.model.merge_and_unload()
     policy.save(out)
-    stats = rollout_evaluation(policy, args)
-    (out / "rollout_eval.json").write_text(json.dumps(stats, indent=1))
-    print(f"saved {out}. Rollout evaluation on {args.data}'s evaluation categories: "
-          + tools.format_stats(stats))
+    remove_checkpoint(out)
+    if args.rollouts:
+        stats = rollout_evaluation(policy, args)
+        tools.write_json(out / "rollout_eval.json", stats)
+        print(f"saved {out}. Rollout evaluation on {args.data}'s evaluation categories: "
+              + tools.format_stats(stats))
+    else:
+        print(f"saved {out}.")
 
 
 if __name__ == "__main__":

@@ -73,8 +73,10 @@ def get_args(argv=None):
 RUN_SETTINGS = ("data", "data_root", "size", "method", "policy", "temperature", "tools", "max_turns", "seed")
 
 
-def prepare_out(out, args, dataset) -> dict:
-    """Create or resume OUT; returns the finished records by id. Never overwrites another run."""
+def prepare_out(out, args, dataset):
+    """Create or resume OUT; returns the run's settings (main saves them once the generator has
+    loaded, so a bad --policy leaves no run behind) and the finished records by id. Never
+    overwrites another run."""
     config = {k: getattr(args, k) for k in RUN_SETTINGS}
     config.update(data_root=str(dataset.root.resolve()), size=dataset.image_size)
     try:
@@ -98,7 +100,6 @@ def prepare_out(out, args, dataset) -> dict:
                                   "pass another --out, or delete it")
     elif any(out.iterdir()):
         raise tools.UserError(f"{out} exists and is not a synthesize.py output; pass another --out")
-    config_path.write_text(json.dumps(config, indent=1))
     done, lines = {}, []
     log = out / "trajectories.jsonl"
     if log.exists():
@@ -109,10 +110,20 @@ def prepare_out(out, args, dataset) -> dict:
                 continue
             done[record["id"]] = record
             lines.append(line)
-        tmp = log.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines))
-        tmp.replace(log)
-    return done
+        tools.write_atomic(log, "".join(line + "\n" for line in lines))
+    return config, done
+
+
+def append_records(path, records) -> None:
+    """Add finished samples to OUT/trajectories.jsonl, on disk before the next batch starts: a
+    kill loses at most the batch in progress."""
+    try:
+        with open(path, "a") as log:
+            log.write("".join(json.dumps(record) + "\n" for record in records))
+            log.flush()
+            os.fsync(log.fileno())
+    except OSError as e:
+        raise tools.UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def save_record(record, out, toolbox) -> dict:
@@ -169,9 +180,7 @@ figure{{margin:0}} figure img{{width:160px;image-rendering:pixelated}} figcaptio
 img.small{{width:96px;image-rendering:pixelated}} pre{{white-space:pre-wrap;margin:.2em 0}}
 .assistant{{background:#eef4ff;padding:.3em}} .tool{{background:#f4f4f4;padding:.3em}}</style></head>
 <body><h1>AnomalyAgent: {len(records)} synthesized samples</h1>{"".join(rows)}</body></html>"""
-    tmp = out / "index.html.tmp"
-    tmp.write_text(page)
-    tmp.replace(out / "index.html")
+    tools.write_atomic(out / "index.html", page)
 
 
 def write_overview(out, records, per_row=4) -> None:
@@ -367,10 +376,12 @@ def main(argv=None):
     for flag in ("per_type", "max_turns", "batch_size"):
         if getattr(args, flag) < 1:
             raise tools.UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    if not args.temperature >= 0:
+        raise tools.UserError(f"--temperature must be at least 0 (0: greedy), not {args.temperature}")
     dataset = tools.load_dataset(args.data, args.data_root, args.size)
     out = Path(args.out)
     tasks = tools.plan_tasks(dataset, args.categories, args.types, args.per_type, args.seed)
-    done = prepare_out(out, args, dataset)
+    config, done = prepare_out(out, args, dataset)
     todo = [t for t in tasks if t["id"] not in done]
     print(f"{len(tasks)} samples on {dataset.name} ({len(tasks) - len(todo)} already in {out}, "
           f"{len(todo)} to make)")
@@ -378,8 +389,9 @@ def main(argv=None):
     toolbox = tools.Toolbox(enabled=args.tools.split(","))
     if args.method == "agent":
         policy = tools.load_policy(args.policy, seed=args.seed, device=args.device, temperature=args.temperature)
+    tools.write_json(out / "config.json", config)
     records = list(done.values())   # the summary and gallery show everything in OUT
-    with open(out / "trajectories.jsonl", "a") as log, tqdm(total=len(todo), desc="synthesizing") as bar:
+    with tqdm(total=len(todo), desc="synthesizing") as bar:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
             if args.method != "agent":
@@ -389,11 +401,8 @@ def main(argv=None):
                 episodes = [tools.make_task(dataset, t) for t in batch]
                 results = [save_record(r, out, toolbox) for r in tools.run_episodes(
                     policy, episodes, toolbox, args.max_turns, on_finish=lambda e: bar.update())]
-            for record in results:
-                log.write(json.dumps(record) + "\n")
-                records.append(record)
-            log.flush()
-            os.fsync(log.fileno())
+            append_records(out / "trajectories.jsonl", results)
+            records += results
 
     if args.method == "agent":
         summary = tools.episode_stats(records)
@@ -401,9 +410,7 @@ def main(argv=None):
     else:
         summary = baseline_stats(records)
         line = format_baseline_stats(args.method, summary)
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(out / "summary.json")
+    tools.write_json(out / "summary.json", summary)
     write_gallery(out, records)
     write_overview(out, records)
     print(line)

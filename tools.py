@@ -83,13 +83,33 @@ def load_mask(path, size=None) -> np.ndarray:
 
 def save_png(array, path) -> None:
     """Write a PNG atomically, so a killed run never leaves a half-written image behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
+    write_atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+def write_atomic(path, data) -> None:
+    """Write data (text, bytes, or a function that writes the file at the path it is given) into a
+    file beside path, then rename it over path: a killed run leaves the old file or the new one,
+    never half of one. A failed write (no permission, a full disk) is a UserError naming the file."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if callable(data):
+            data(tmp)
+        elif isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def write_json(path, value) -> None:
+    """A JSON file (settings, summaries), written atomically."""
+    write_atomic(path, json.dumps(value, indent=1))
 
 
 @dataclass(frozen=True)
@@ -618,6 +638,28 @@ class Toolbox:
                     "attributes": guess_attributes(defect)}
 
 
+ARGUMENT_TYPES = {"integer": "an integer", "string": "a string", "array": "a list of numbers"}
+
+
+def json_kind(value) -> str:
+    """What a JSON value is, for an error message: a scalar as written (true, 2.7), else its kind."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return json.dumps(value)[:20]
+    return {str: "a string", list: "a list", dict: "an object"}[type(value)]
+
+
+def fits_type(value, kind) -> bool:
+    """Whether a JSON value is of a schema type. JSON's true and false are no numbers (in Python a
+    bool is an int), and 2.7 is no image index."""
+    if isinstance(value, bool):
+        return False
+    if kind == "integer":
+        return isinstance(value, int)
+    if kind == "string":
+        return isinstance(value, str)
+    return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+
 class ToolSession:
     """The images of one episode (1 = the normal image, then each new one in order) and the tool
     calls made on them. call() returns the observation's JSON and the images it attaches."""
@@ -641,6 +683,9 @@ class ToolSession:
         missing = [a for a in TOOL_SCHEMAS[name]["required"] if a not in args]
         if missing:
             raise CallError(f"{name} is missing the argument(s) {', '.join(missing)}")
+        for arg, (kind, _) in TOOL_SCHEMAS[name]["parameters"].items():
+            if arg in args and not fits_type(args[arg], kind):
+                raise CallError(f"{name}: {arg} must be {ARGUMENT_TYPES[kind]}, not {json_kind(args[arg])}")
         self.calls += 1
         self.rng = np.random.default_rng([self.task.seed, self.calls])   # each call its own draw
         return getattr(self, name)(**{k: v for k, v in args.items() if k in TOOL_SCHEMAS[name]["parameters"]})
@@ -648,11 +693,7 @@ class ToolSession:
     def is_generated(self, k) -> bool:
         return isinstance(k, int) and 1 <= k <= len(self.images) and self.sources[k - 1] == "generated"
 
-    def _image(self, index, want="generated") -> int:
-        try:
-            k = int(index)
-        except (TypeError, ValueError):
-            raise ToolError(f"image index must be an integer, not {index!r}") from None
+    def _image(self, k, want="generated") -> int:
         if not 1 <= k <= len(self.images):
             raise ToolError(f"there is no image {k}; images 1-{len(self.images)} exist")
         if want == "generated" and self.sources[k - 1] != "generated":
@@ -791,10 +832,17 @@ class Turn:
 
 
 TAG = re.compile(r"<(thinking|tool_call|answer)>(.*?)</\1>", re.S)
+# far beyond any turn the stages let a model write (--max-new-tokens); the tag search takes time
+# quadratic in a reply full of unclosed tags, about a second at this length
+MAX_REPLY_CHARS = 32_000
 
 
 def parse_turn(text) -> Turn:
-    """Tolerant of whitespace around and between the tags; strict about the JSON inside them."""
+    """Tolerant of whitespace around and between the tags; strict about the JSON inside them.
+    Whatever the reply, the result is a Turn: what cannot be read is a malformed turn."""
+    if len(text) > MAX_REPLY_CHARS:
+        return Turn("malformed", error=f"the reply is {len(text)} characters long; at most "
+                                       f"{MAX_REPLY_CHARS} are read")
     blocks = TAG.findall(text)
     thinking = [b.strip() for tag, b in blocks if tag == "thinking"]
     actions = [(tag, b.strip()) for tag, b in blocks if tag != "thinking"]
@@ -812,14 +860,14 @@ def parse_turn(text) -> Turn:
     tag, body = actions[0]
     try:
         payload = json.loads(body)
-    except ValueError as e:
+    except Exception as e:   # ValueError, and RecursionError from deeply nested brackets
         return Turn("malformed", think, error=f"the <{tag}> block is not valid JSON ({e})")
     if tag == "tool_call":
         if not (isinstance(payload, dict) and isinstance(payload.get("name"), str)
                 and isinstance(payload.get("arguments"), dict)):
             return Turn("malformed", think, error='a tool call is {"name": str, "arguments": {...}}')
         return Turn("call", think, call=payload, error=style)
-    if not (isinstance(payload, dict) and isinstance(payload.get("final_image_index"), int)):
+    if not (isinstance(payload, dict) and fits_type(payload.get("final_image_index"), "integer")):
         return Turn("malformed", think, error='an answer needs an integer "final_image_index"')
     return Turn("answer", think, answer=payload, error=style)
 
@@ -1037,10 +1085,13 @@ class VLMPolicy:
 
     def save(self, path):
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        self.image_processor.save_pretrained(path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+            self.image_processor.save_pretrained(path)
+        except OSError as e:
+            raise UserError(f"cannot write the model to {path}: {e.strerror or e}") from None
 
     # -- training setup --------------------------------------------------------------------------
     def make_trainable(self, lora="auto", lora_rank=16, train_vision=False) -> bool:

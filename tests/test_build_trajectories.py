@@ -133,6 +133,11 @@ def test_bad_input(tmp_path, built):
     assert result.returncode != 0 and "already holds trajectories" in result.stderr
     result = run_script("build_trajectories.py", "--ran-out-prob", "1.5", "--out", tmp_path / "o")
     assert result.returncode != 0 and "--ran-out-prob must be between 0 and 1" in result.stderr
+    for flags, message in [(["--limit", "0"], "--limit must be at least 1, got 0"),
+                           (["--limit", "-1"], "--limit must be at least 1, got -1"),
+                           (["--val-fraction", "1"], "--val-fraction must be at least 0 and below 1")]:
+        with pytest.raises(tools.UserError, match=message):
+            build.main([*flags, "--out", str(tmp_path / "o")])
 
 
 # What the fixture's run writes, pinned: a change that alters trajectories (text or images) must be

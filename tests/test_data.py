@@ -165,3 +165,19 @@ def test_toy_world_never_writes_over_other_files(tmp_path, toy_root):
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
     with pytest.raises(tools.UserError, match="size 128.*--size 128"):
         tools.load_dataset("toy", toy_root, size=64)
+
+
+def test_atomic_writes_replace_whole_files_and_name_the_file_they_cannot_write(tmp_path):
+    tools.write_atomic(tmp_path / "a" / "notes.txt", "old")
+    tools.write_atomic(tmp_path / "a" / "notes.txt", "new")
+    tools.write_atomic(tmp_path / "a" / "raw.bin", b"\x00\x01")
+    tools.write_json(tmp_path / "a" / "settings.json", {"lr": 0.001})
+    tools.save_png(np.ones((4, 4), bool), tmp_path / "a" / "mask.png")
+    assert (tmp_path / "a" / "notes.txt").read_text() == "new"
+    assert (tmp_path / "a" / "raw.bin").read_bytes() == b"\x00\x01"
+    assert (tmp_path / "a" / "settings.json").read_text() == '{\n "lr": 0.001\n}'
+    assert tools.load_mask(tmp_path / "a" / "mask.png").all()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["mask.png", "notes.txt", "raw.bin", "settings.json"]
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(tools.UserError, match=f"cannot write {tmp_path / 'file' / 'x.png'}: "):
+        tools.save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / "file" / "x.png")

@@ -270,6 +270,8 @@ def test_bad_flags_are_one_line(args, message, small_world, two_sets, tmp_path):
                         "--out", tmp_path / "e", *args)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and message in result.stderr, result.stderr
+    if (tmp_path / "e" / "results.md").exists():   # the error came after the evaluation started
+        assert (tmp_path / "e" / "results.md").read_text().startswith(f"(evaluation failed: {message}")
 
 
 # ---- the dataset from the sets' config.json ------------------------------------------------------

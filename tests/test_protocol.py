@@ -39,6 +39,10 @@ def test_parser_reads_an_answer():
     ('<thinking>x</thinking><answer>{"final_image_index": "2"}</answer>', "malformed", "integer"),
     ("<thinking>I am not sure what to do</thinking>", "none", "no <tool_call>"),
     ("plain text", "none", "exactly one <thinking>"),
+    ("<thinking>x</thinking><tool_call>" + "[" * 5000 + "</tool_call>", "malformed", "not valid JSON"),
+    ('<thinking>x</thinking><answer>{"final_image_index": true}</answer>', "malformed", "integer"),
+    ('<thinking>x</thinking><answer>{"final_image_index": 2.0}</answer>', "malformed", "integer"),
+    ("<thinking>" * 10_000, "malformed", "characters long"),
 ])
 def test_parser_rejects_malformed_turns(text, action, fragment):
     turn = tools.parse_turn(text)
@@ -94,6 +98,44 @@ def test_runner_answers_bad_calls_with_error_observations(task):
     assert [t["format_ok"] for t in record["turns"]] == [False, False, False, True, True, False]
     assert record["stop_reason"] == "no_action" and record["final_image_index"] is None
     assert not record["format_valid"]
+
+
+def test_no_reply_crashes_an_episode_or_counts_as_well_formed(task):
+    """Replies a broken or hostile model might write: every episode ends with an error
+    observation for its turn, none raises, and none of these turns counts as well formed."""
+    think = "<thinking>x</thinking>"
+    replies = {
+        "nested call": think + "<tool_call>" + "[" * 3000 + "</tool_call>",
+        "nested answer": think + '<answer>{"final_image_index": ' + "[" * 3000 + "</answer>",
+        "nested arguments": think + '<tool_call>{"name": "mask_gen", "arguments": {"anomaly_image": '
+                            + "[" * 3000 + "]" * 3000 + "}}</tool_call>",
+        "list as item": call("prompt_gen", image=1, item_name=["nut"], anomaly_type="scratch"),
+        "number as prompt": call("image_gen", prompt=7, target_image=1),
+        "object as type": call("knowledge_retrieval", item_name="nut", anomaly_type={"kind": "scratch"}),
+        "string as index": call("image_gen", prompt="a dark hole", target_image="1"),
+        "float as index": call("mask_gen", anomaly_image=2.7),
+        "whole float as index": call("image_gen", prompt="a dark hole", target_image=1.0),
+        "boolean as index": call("quality_eval", anomaly_image=True, item_name="nut", anomaly_type="scratch"),
+        "null as index": call("prompt_gen", image=None, item_name="nut", anomaly_type="scratch"),
+        "words in region": call("image_gen", prompt="a dark hole", target_image=1, region=[0, "top", 5, 5]),
+        "boolean answer": tools.format_answer("done", {"status": "success", "final_image_index": True}),
+        "100,000 characters": think + "x" * 100_000,
+        "100,000 characters of tags": "<tool_call>" * 9_091,
+    }
+    records = tools.run_episodes(Scripted(replies.values()), [task] * len(replies), tools.Toolbox(), max_turns=1)
+    for (case, reply), record in zip(replies.items(), records):
+        observation = record["messages"][-1]
+        assert observation["role"] == "tool", case
+        error = json.loads(tools.message_text(observation))["error"]
+        assert record["turns"][0]["format_ok"] is False and record["turns"][0]["error"] == error, case
+        assert "failed" not in error, (case, error)          # no backend crashed on the arguments
+    errors = {case: r["turns"][0]["error"] for case, r in zip(replies, records)}
+    assert "maximum recursion depth" in errors["nested call"]
+    assert errors["list as item"] == "prompt_gen: item_name must be a string, not a list"
+    assert errors["float as index"] == "mask_gen: anomaly_image must be an integer, not 2.7"
+    assert errors["boolean as index"] == "quality_eval: anomaly_image must be an integer, not true"
+    assert "region must be a list of numbers" in errors["words in region"]
+    assert "characters long" in errors["100,000 characters"]
 
 
 def test_runner_survives_a_backend_crash(task, monkeypatch):

@@ -207,11 +207,48 @@ def test_rl_resume_continues_after_a_kill(tiny_model_dir, toy_root, tmp_path):
     assert other.returncode != 0 and "--group-size 2 -> 3" in other.stderr
 
 
+def test_rl_rerun_after_a_kill_before_the_first_checkpoint(tiny_model_dir, toy_root, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model_dir, toy_root, out, "--steps", "2", "--save-every", "2")   # saves at the end
+    process = subprocess.Popen([sys.executable, str(ROOT / "rl.py"), *args], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:   # step 0 is logged
+        time.sleep(0.1)
+    process.kill()
+    process.wait()
+    assert (out / "metrics.jsonl").exists() and not (out / "checkpoint.pt").exists()
+    assert rl.resume_state(out, rl.get_args(["--out", str(out), "--resume"])) is None   # --resume starts over too
+    result = run_script("rl.py", *tiny_args(tiny_model_dir, toy_root, out, "--steps", "1"))   # a plain rerun
+    assert result.returncode == 0, result.stderr
+    assert "holds no checkpoint yet: starting over" in result.stdout
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    finished = run_script("rl.py", *tiny_args(tiny_model_dir, toy_root, out, "--steps", "1"), "--resume")
+    assert finished.returncode != 0 and "is finished (step 1 of --steps 1)" in finished.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--save-every", "0"], "--save-every must be at least 1, not 0"),
+    (["--prompts-per-step", "0"], "--prompts-per-step must be at least 1"),
+    (["--eval-per-type", "0"], "--eval-per-type must be at least 1"),
+    (["--micro-batch", "0"], "--micro-batch must be at least 1"),
+    (["--max-turns", "0"], "--max-turns must be at least 1"),
+    (["--eval-every", "-1"], "--eval-every must be at least 0"),
+    (["--temperature", "0"], "--temperature must be above 0"),
+    (["--kl-coef", "-0.1"], "--kl-coef must be at least 0"),
+])
+def test_numeric_flags_are_checked_when_parsed(flags, message):
+    with pytest.raises(tools.UserError, match=message):
+        rl.get_args(flags)
+
+
 def test_rl_bad_input(tmp_path, toy_root, tiny_model_dir):
     for args, message in [(["--policy", "runs/no-such-sft"], "run sft.py first"),
-                          (["--policy", tiny_model_dir, "--group-size", "1"], "--group-size must be at least 2"),
+                          (["--policy", tiny_model_dir, "--group-size", "1"], "--group-size must be at least 2 (GRPO"),
                           (["--policy", tiny_model_dir, "--resume"], "no checkpoint.pt"),
-                          (["--policy", tiny_model_dir, "--tools", "PG,QE"], "must include IG")]:
+                          (["--policy", tiny_model_dir, "--tools", "PG,QE"], "must include IG"),
+                          (["--policy", tiny_model_dir, "--prompts-per-step", "100000"],
+                           "--prompts-per-step must be at most")]:
         result = run_script("rl.py", *args, "--data-root", toy_root, "--out", tmp_path / "o")
         assert result.returncode != 0 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1

@@ -169,22 +169,66 @@ def test_sft_smoke_full_and_lora(trajectories, toy_root, tmp_path):
     assert "well-formed turns" in result.stdout
 
 
-def test_sft_resume_continues_after_a_kill(trajectories, toy_root, tmp_path):
-    out = tmp_path / "run"
-    args = sft_args(trajectories, toy_root, out, "--epochs", "1.2", "--save-every", "2", "--rollouts", "1")
-    process = subprocess.Popen([sys.executable, str(ROOT / "sft.py"), *map(str, args)], cwd=ROOT,
+def test_sft_resume_after_a_kill_is_exact(trajectories, toy_root, tmp_path):
+    """SIGKILL after the first checkpoint, then --resume: the same log, each step once, and the same
+    weights as a run never stopped. Other settings and a finished run are refused."""
+    def args(out, *extra):
+        return sft_args(trajectories, toy_root, out, "--epochs", "0.8", "--save-every", "2", "--rollouts", "0",
+                        *extra)
+
+    def metrics(out):   # the seconds are wall time; everything else must match
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    whole = tmp_path / "whole"
+    # what a kill before the first checkpoint leaves (settings, some steps' lines, one cut short):
+    # a plain rerun starts over and logs each step once
+    whole.mkdir()
+    (whole / "run_config.json").write_text("{}")
+    (whole / "metrics.jsonl").write_text('{"step": 0, "val_loss": 1.0}\n{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    result = run_script("sft.py", *args(whole))
+    assert result.returncode == 0, result.stderr
+    assert "starting over" in result.stdout
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, str(ROOT / "sft.py"), *map(str, args(out))], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (out / "checkpoint" / "training_state.pt").exists() and time.time() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.1)
     process.kill()
     process.wait()
     saved = torch.load(out / "checkpoint" / "training_state.pt", weights_only=False)["step"]
-    result = run_script("sft.py", *args, "--resume")
+    for flags, message in [(["--batch-size", "1"], "--batch-size 2 -> 1"), (["--lr", "5e-4"], "--lr 0.001 -> 0.0005")]:
+        refused = run_script("sft.py", *args(out, "--resume", *flags))
+        assert refused.returncode != 0 and message in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+    result = run_script("sft.py", *args(out, "--resume"))
     assert result.returncode == 0, result.stderr
-    total = int(re.search(rf"resuming from step {saved} of (\d+)", result.stdout).group(1))
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == total > saved and set(range(1, total + 1)) <= set(steps)   # nothing lost
+    total = metrics(whole)[-1]["step"]
+    assert f"resuming from step {saved} of {total}" in result.stdout and saved < total
+    assert metrics(out) == metrics(whole) and [m["step"] for m in metrics(out)] == list(range(total + 1))
+    a, b = tools.VLMPolicy.load(whole).model.state_dict(), tools.VLMPolicy.load(out).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (out / "checkpoint").exists()          # the model supersedes it
+    finished = run_script("sft.py", *args(out, "--resume"))
+    assert finished.returncode != 0 and "is finished" in finished.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval-every", "0"], "--eval-every must be at least 1, not 0"),
+    (["--save-every", "0"], "--save-every must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--max-turns", "0"], "--max-turns must be at least 1"),
+    (["--rollouts", "-1"], "--rollouts must be at least 0"),
+    (["--epochs", "0"], "--epochs must be above 0"),
+    (["--lr", "nan"], "--lr must be above 0, not nan"),
+    (["--warmup", "1.5"], "--warmup must be between 0 and 1"),
+])
+def test_numeric_flags_are_checked_when_parsed(flags, message):
+    import sft
+    with pytest.raises(tools.UserError, match=re.escape(message)):
+        sft.get_args(flags)
 
 
 def test_sft_bad_input(tmp_path, trajectories, toy_root):

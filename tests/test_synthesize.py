@@ -159,6 +159,19 @@ def test_unwritable_or_foreign_output_and_corrupt_images(toy_root, tmp_path):
     assert run_script("synthesize.py", *args, "--out", tmp_path / "o").returncode == 0
     result = run_script("synthesize.py", *args, "--out", tmp_path / "o", "--seed", "9")
     assert result.returncode != 0 and "--seed 0 -> 9" in result.stderr
+    # a write that fails mid-run is one line naming the file, and the finished samples stay
+    (tmp_path / "o" / "washer" / "crack" / "steps" / "000").rename(tmp_path / "steps")
+    (tmp_path / "o" / "washer" / "crack" / "steps").rmdir()
+    (tmp_path / "o" / "washer" / "crack" / "steps").write_text("in the way")
+    finished = records(tmp_path / "o")
+    result = run_script("synthesize.py", *args[:-1], "2", "--out", tmp_path / "o")
+    last = result.stderr.strip().splitlines()[-1]    # after the progress bar
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert last.startswith("error: cannot write") and last.endswith("crack/steps/001/1.png: Not a directory")
+    assert records(tmp_path / "o") == finished
+    # the settings are saved only once the generator has loaded: a mistyped --policy locks nothing
+    result = run_script("synthesize.py", *args, "--out", tmp_path / "q", "--policy", "tests")
+    assert "is not a model" in result.stderr and not (tmp_path / "q" / "config.json").exists()
     # a corrupt normal image is named
     import shutil
     broken = tmp_path / "broken"
