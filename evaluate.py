@@ -610,6 +610,8 @@ def main(argv=None):
     for s in sets:   # two sets of one method get their folder's name too
         if names.count(s["name"]) > 1:
             s["name"] = f"{s['name']} [{Path(s['dir']).name}]"
+    for notice in notices:
+        print(notice)
     out = Path(args.out)
     tools.write_atomic(out / "results.md", "(evaluation in progress)\n")
     try:
@@ -630,7 +632,7 @@ def evaluate_sets(sets, dataset, categories, config, args) -> dict:
     if args.pretrained != "none":
         resnet34(2, args.pretrained)   # fail now, not after the first category
     networks, perceptual_reason = perceptual_networks(args.device)
-    print("\n".join(notices + [f"evaluating {len(sets)} set(s) on {dataset.name}: {', '.join(categories)}"])
+    print(f"evaluating {len(sets)} set(s) on {dataset.name}: {', '.join(categories)}"
           + (f"\n{perceptual_reason}" if perceptual_reason else ""))
 
     rows = {s["name"]: {} for s in sets}
