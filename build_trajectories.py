@@ -256,6 +256,7 @@ def main(argv=None):
             toolbox.count_backend_error("quality_eval", e)
             counts["skipped: backend error"] += 1
             continue
+        toolbox.count_backend_error("quality_eval")
         if built is None:
             counts["skipped: real anomaly failed QE"] += 1
             continue

@@ -826,7 +826,7 @@ class DiffusersEditor(PastingEditor):
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         dtype = dtypes.get(dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
         try:
-            self.pipe = diffusers.DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+            self.pipe = diffusers.DiffusionPipeline.from_pretrained(source, dtype=dtype)
         except Exception as e:   # a missing folder, a wrong id, a non-diffusers folder: one line
             raise UserError(f"--ig {self.name}: cannot load a diffusers pipeline ({first_line(e)})") from None
         self.inputs = set(inspect.signature(self.pipe.__call__).parameters)
@@ -909,14 +909,14 @@ class Toolbox:
         self.editor: ImageEditor = editor or ProceduralPainter()
         self.judge: Judge = judge or MeasuredJudge()
         self.segmenter: Segmenter = segmenter or DifferenceSegmenter()
-        self.backend_errors = 0   # backend failures in a row
+        self.backend_errors = {}   # tool -> its backend's failures in a row
 
     def count_backend_error(self, tool, error=None):
-        """A failed call counts (error given), a served one resets the count; MAX_BACKEND_ERRORS
-        failures in a row stop the run."""
-        self.backend_errors = self.backend_errors + 1 if error else 0
-        if self.backend_errors >= MAX_BACKEND_ERRORS:
-            raise BackendDown(f"{tool}: {self.backend_errors} backend errors in a row, stopping; the last: {error}")
+        """A failed call of the tool counts (error given), a served one resets its count;
+        MAX_BACKEND_ERRORS failures of one tool's backend in a row stop the run."""
+        self.backend_errors[tool] = self.backend_errors.get(tool, 0) + 1 if error else 0
+        if self.backend_errors[tool] >= MAX_BACKEND_ERRORS:
+            raise BackendDown(f"{tool}: {MAX_BACKEND_ERRORS} backend errors in a row, stopping; the last: {error}")
 
     def specs(self):
         return [tool_spec(n) for n in self.enabled]
