@@ -635,11 +635,13 @@ JUDGE_PROMPT = """You are a strict inspector of synthetic industrial defects. Im
 {object}, free of defects. Image 2 is image 1 after an edit that should add one realistic \
 "{defect}" defect.{description}
 
-Score image 2 with this rubric:
-- location_score, 0-5: the defect lies on a plausible part of the item for a {defect}, at a \
-plausible size, and only there.
-- quality_score, 0-5: it is clearly visible, looks like a real {defect} (shape, colour, texture, \
-lighting), blends into the surface without pasted edges, and the rest of the image is unchanged.
+Score image 2 with this rubric (5: indistinguishable from a real defect; 0: a failure):
+- location_score, 0-5: the defect lies on a physically plausible part of the item for a \
+{defect}, follows the item's geometry, at a plausible size, not floating in the background nor \
+spilling over unrelated regions.
+- quality_score, 0-5: it is clearly visible and looks like a real {defect} (texture, scale, \
+contrast, lighting), blends into the surface with nothing pasted-on, and the rest of the image is \
+unchanged.
 Then write a short review: what is wrong, and how the edit prompt should change.
 
 Answer with JSON only: {{"location_score": <0-5>, "quality_score": <0-5>, "review": "<review>"}}"""

@@ -2,86 +2,33 @@
 OpenAI-compatible server, and the tiny policy as a local vision-language judge."""
 import argparse
 import base64
-import email.parser
-import http.server
 import io
 import json
 import os
 import subprocess
 import sys
 import threading
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import loopback_server
 import rl
 import synthesize
 import tiny_diffusers
 import tools
 from conftest import ROOT
+from loopback_server import VERDICT, WRITER_PROMPT
 
 KEY = "sk-test-NEVER-WRITTEN-4242"
-WRITER_PROMPT = ("Using the provided image, change only the bottle rim to introduce a crack: a large dark "
-                 "jagged crack. Keep the rest of the image unchanged.")
-VERDICT = {"location_score": 3.5, "quality_score": 4.0, "review": "A plausible crack, a little faint."}
-
-
-# ---- the loopback server -----------------------------------------------------------------------
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    """Replies by model name: judge (a thinking block and a fenced JSON), writer (JSON inside
-    prose), garbage, flaky (503 once), locked (401), strict (400 to a response_format), and
-    /images/edits (a black square on the image and a faint drift everywhere)."""
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        if self.path.endswith("/images/edits"):
-            message = email.parser.BytesParser().parsebytes(
-                b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n" + body)
-            form = {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
-                    for part in message.get_payload()}
-            self.server.log.append((self.path, self.headers.get("Authorization"), form))
-            image = np.asarray(Image.open(io.BytesIO(form["image"])).convert("RGB")).astype(int) + 3
-            image[40:56, 40:56] = 0 if image[40:56, 40:56].mean() > 128 else 255
-            buffer = io.BytesIO()
-            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
-            return self.reply(200, {"data": [{"b64_json": base64.b64encode(buffer.getvalue()).decode()}]})
-        request = json.loads(body)
-        self.server.log.append((self.path, self.headers.get("Authorization"), request))
-        model = request["model"]
-        self.server.calls[model] += 1
-        if model == "flaky" and self.server.calls[model] == 1:
-            return self.reply(503, {"error": "busy"})
-        if model == "locked":
-            return self.reply(401, {"error": "bad key"})
-        if model == "strict" and "response_format" in request:
-            return self.reply(400, {"error": "response_format is not supported"})
-        text = {"writer": f'Sure. {{"prompt": "{WRITER_PROMPT}"}} Good luck!',
-                "garbage": "I would rather not say."}.get(
-            model, f'<think>First {{"draft": 1}}, then the rim.</think>\nVerdict:\n```json\n{json.dumps(VERDICT)}\n```')
-        self.reply(200, {"choices": [{"message": {"content": text}}]})
-
-    def reply(self, status, payload):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.log, httpd.calls = [], Counter()
+    httpd = loopback_server.serve()
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    httpd.url = f"openai:http://127.0.0.1:{httpd.server_port}/v1"
     yield httpd
     httpd.shutdown()
 
