@@ -4,8 +4,9 @@ tools.py -- everything the stages share, in the order a reader needs it:
   1. Data: the toy world, MVTec-AD and VisA behind one small interface
   2. Knowledge: the knowledge base (knowledge.json), and attributes guessed for unknown types
   3. The tools: their schemas, one small interface per backend (PromptWriter, ImageEditor, Judge,
-     Segmenter), the Toolbox that picks a backend per tool, and the session that numbers an
-     episode's images and serves the calls
+     Segmenter), the real-model backends (diffusers editors, vision-language judges and prompt
+     writers, OpenAI-compatible servers), the Toolbox that picks a backend per tool, and the
+     session that numbers an episode's images and serves the calls
   4. The agent protocol: system prompt, tool schemas as the model sees them, turn parser, observations
   5. The episode runner: plays a policy against the tools, returns trajectory records
   6. The policies: the vision-language model wrapper (SFT, RL and synthesis share it), the tiny
