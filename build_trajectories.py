@@ -51,6 +51,7 @@ def get_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="use at most this many anomalies (quick runs)")
     p.add_argument("--out", default="runs/trajectories", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of attempts, N and KR")
+    tools.add_backend_flags(p)
     return p.parse_args(argv)
 
 
@@ -241,7 +242,7 @@ def main(argv=None):
                               f"{dataset.root}: trajectories are built from real anomalies")
     rng = np.random.default_rng(args.seed)
     anomalies = [anomalies[i] for i in rng.permutation(len(anomalies))][:args.limit]
-    toolbox = tools.Toolbox()
+    toolbox = tools.make_toolbox(args)
     splits, counts = {"train": [], "val": []}, Counter()
     for anomaly in tqdm(anomalies, desc="trajectories"):
         record_id = f"{anomaly.category}/{anomaly.anomaly_type}/{anomaly.image.stem}"
@@ -252,8 +253,14 @@ def main(argv=None):
                           image=remove_defect(anomaly_image, mask), kind=dataset.kinds[anomaly.category],
                           dataset=dataset.name, seed=tools.stable_seed(args.seed, record_id))
         passing_rng = np.random.default_rng(task.seed)
-        built = build_one(toolbox, task, anomaly_image, mask, int(passing_rng.integers(1, args.n_max + 1)),
-                          bool(passing_rng.random() < args.kr_prob), passing_rng)
+        try:
+            built = build_one(toolbox, task, anomaly_image, mask, int(passing_rng.integers(1, args.n_max + 1)),
+                              bool(passing_rng.random() < args.kr_prob), passing_rng)
+        except tools.BackendError as e:   # a model judge or editor failed: skipped; in a row, they stop the run
+            toolbox.count_backend_error("quality_eval", e)
+            counts["skipped: backend error"] += 1
+            continue
+        toolbox.count_backend_error("quality_eval")
         if built is None:
             counts["skipped: real anomaly failed QE"] += 1
             continue

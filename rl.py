@@ -93,6 +93,7 @@ def get_args(argv=None):
     run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     run.add_argument("--seed", type=int, default=0, help="seed of prompts, sampling and tools")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    tools.add_backend_flags(p)
     args = p.parse_args(argv)
     check_flags(args)
     return args
@@ -201,14 +202,24 @@ def score(records, args) -> list:
 
 # ---- GRPO ---------------------------------------------------------------------------------------
 
-def grpo_advantages(rewards_, group_size, eps=1e-6):
-    """A_i = (R_i - mean(R)) / (std(R) + eps) within each consecutive group of group_size; groups
-    whose rewards are all equal get advantage 0 and keep=False (they would only add noise)."""
+def grpo_advantages(rewards_, group_size, judged=None, eps=1e-6):
+    """A_i = (R_i - mean(R)) / (std(R) + eps) within each consecutive group of group_size, over the
+    group's judged episodes (judged=False: its judge failed, so its reward means nothing and it is
+    left out, keep=False); groups whose rewards are all equal get advantage 0 and keep=False (they
+    would only add noise)."""
     r = torch.as_tensor(rewards_, dtype=torch.float64).view(-1, group_size)
-    std = r.std(dim=1, keepdim=True, unbiased=False)
-    keep = (std > 1e-9).expand_as(r)
-    advantages = torch.where(keep, (r - r.mean(dim=1, keepdim=True)) / (std + eps), torch.zeros_like(r))
+    ok = torch.ones_like(r, dtype=torch.bool) if judged is None else torch.as_tensor(judged).view(-1, group_size)
+    n = ok.sum(dim=1, keepdim=True).clamp(min=1)
+    mean = (r * ok).sum(dim=1, keepdim=True) / n
+    std = (((r - mean) ** 2 * ok).sum(dim=1, keepdim=True) / n).sqrt()
+    keep = (std > 1e-9) & ok
+    advantages = torch.where(keep, (r - mean) / (std + eps), torch.zeros_like(r))
     return advantages.flatten().float(), keep.flatten()
+
+
+def judge_failed(record) -> bool:
+    """Whether a quality_eval call of the episode hit a backend error (a model judge's failure)."""
+    return any(t["tool"] == "quality_eval" and t.get("backend_error") for t in record["turns"])
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef):
@@ -335,7 +346,7 @@ def plot_curve(metrics, path):
 # ---- the run folder: settings, checkpoint and log, so that --resume continues exactly ----------
 
 # what may change when a run is resumed; everything else must match the saved run_config.json
-RESUMABLE = {"resume", "steps", "eval_every", "save_every", "device"}
+RESUMABLE = {"resume", "steps", "eval_every", "save_every", "device", "api_key_env", "ig_offload"}
 
 
 def resume_state(out, args):
@@ -408,7 +419,7 @@ def main(argv=None):
 
     # setup: data, tools, the policy with its reference, the optimizer
     dataset = tools.load_dataset(args.data, args.data_root, args.size)
-    toolbox = tools.Toolbox(tools.parse_tools_flag(args.tools))
+    toolbox = tools.make_toolbox(args, tools.parse_tools_flag(args.tools))
     pool = prompt_pool(dataset, args.seed)
     if args.prompts_per_step > len(pool):
         raise tools.UserError(f"--prompts-per-step must be at most {len(pool)} (the prompt pool of "
@@ -443,13 +454,14 @@ def main(argv=None):
         prompts = random.Random(tools.stable_seed(args.seed, step)).sample(pool, args.prompts_per_step)
         records = rollout(policy, dataset, prompts, args.group_size, toolbox, args.max_turns)
         parts = score(records, args)
-        advantages, keep = grpo_advantages([p["total"] for p in parts], args.group_size)
+        judged = [not judge_failed(r) for r in records]
+        advantages, keep = grpo_advantages([p["total"] for p in parts], args.group_size, judged)
         buffer = [(r["messages"], float(a)) for r, a, k in zip(records, advantages, keep) if k]
         step_lr = lr_at(step, lr, args)
         for group in optimizer.param_groups:
             group["lr"] = step_lr
-        entry = {"step": step + 1, **summarize(records, parts), "groups_kept": int(keep.sum()) // args.group_size,
-                 "lr": step_lr}
+        entry = {"step": step + 1, **summarize(records, parts), "groups_kept": int(keep.view(-1, args.group_size).any(1).sum()),
+                 "judge_failed": judged.count(False), "lr": step_lr}
         if buffer:
             try:
                 entry.update(update(policy, reference, optimizer, params, buffer, args, autocast))

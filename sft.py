@@ -69,6 +69,7 @@ def get_args(argv=None):
     run.add_argument("--max-turns", type=int, default=10, help="turns per evaluation episode")
     run.add_argument("--seed", type=int, default=0, help="seed of initialization, order and sampling")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    tools.add_backend_flags(p)   # the final rollout evaluation's tools
     args = p.parse_args(argv)
     check_flags(args)
     return args
@@ -168,17 +169,17 @@ def rollout_evaluation(policy, args):
     plan = tools.plan_tasks(dataset, per_type=args.rollouts, seed=args.seed)
     policy.model.eval()
     policy.temperature = 0.0   # greedy: the policy's best guess at every turn
-    records = []
+    records, toolbox = [], tools.make_toolbox(args)
     for i in tqdm(range(0, len(plan), 16), desc="rollout evaluation"):
         tasks = [tools.make_task(dataset, t) for t in plan[i:i + 16]]
-        records += tools.run_episodes(policy, tasks, tools.Toolbox(), args.max_turns)
+        records += tools.run_episodes(policy, tasks, toolbox, args.max_turns)
     return tools.episode_stats(records)
 
 
 # ---- the run folder: settings, checkpoint and log, so that --resume continues exactly ----------
 
 # what may change when a run is resumed; everything else must match the saved run_config.json
-RESUMABLE = {"resume", "eval_every", "save_every", "device"}
+RESUMABLE = {"resume", "eval_every", "save_every", "device", "api_key_env", "ig_offload"}
 
 
 def resumes_checkpoint(out, args) -> bool:

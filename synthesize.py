@@ -66,11 +66,13 @@ def get_args(argv=None):
     run.add_argument("--out", default="runs/synth", help="output folder; an existing one is resumed")
     run.add_argument("--seed", type=int, default=0, help="seed of the agent and the tools")
     run.add_argument("--batch-size", type=int, default=16, help="episodes played side by side")
+    tools.add_backend_flags(p)
     return p.parse_args(argv)
 
 
 # settings that change what a sample looks like: a resumed run must share them
-RUN_SETTINGS = ("data", "data_root", "size", "method", "policy", "temperature", "tools", "max_turns", "seed")
+RUN_SETTINGS = ("data", "data_root", "size", "method", "policy", "temperature", "tools", "max_turns", "seed",
+                *tools.BACKEND_SETTINGS)
 
 
 def prepare_out(out, args, dataset):
@@ -93,6 +95,8 @@ def prepare_out(out, args, dataset):
         except ValueError:
             raise tools.UserError(f"{config_path} is corrupt; pass another --out") from None
         old.setdefault("method", "agent")   # runs made before --method existed were all the agent's
+        for k in tools.BACKEND_SETTINGS:    # and before the backend flags, all the offline backends'
+            old.setdefault(k, tools.BACKEND_DEFAULTS[k])
         diff = [f"--{k.replace('_', '-')} {old.get(k)} -> {config[k]}" for k in RUN_SETTINGS
                 if old.get(k) != config[k]]
         if diff:
@@ -386,7 +390,7 @@ def main(argv=None):
     print(f"{len(tasks)} samples on {dataset.name} ({len(tasks) - len(todo)} already in {out}, "
           f"{len(todo)} to make)")
 
-    toolbox = tools.Toolbox(enabled=args.tools.split(","))
+    toolbox = tools.make_toolbox(args, args.tools.split(","))
     if args.method == "agent":
         policy = tools.load_policy(args.policy, seed=args.seed, device=args.device, temperature=args.temperature)
     tools.write_json(out / "config.json", config)

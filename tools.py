@@ -4,8 +4,9 @@ tools.py -- everything the stages share, in the order a reader needs it:
   1. Data: the toy world, MVTec-AD and VisA behind one small interface
   2. Knowledge: the knowledge base (knowledge.json), and attributes guessed for unknown types
   3. The tools: their schemas, one small interface per backend (PromptWriter, ImageEditor, Judge,
-     Segmenter), the Toolbox that picks a backend per tool, and the session that numbers an
-     episode's images and serves the calls
+     Segmenter), the real-model backends (diffusers editors, vision-language judges and prompt
+     writers, OpenAI-compatible servers), the Toolbox that picks a backend per tool, and the
+     session that numbers an episode's images and serves the calls
   4. The agent protocol: system prompt, tool schemas as the model sees them, turn parser, observations
   5. The episode runner: plays a policy against the tools, returns trajectory records
   6. The policies: the vision-language model wrapper (SFT, RL and synthesis share it), the tiny
@@ -16,6 +17,7 @@ a procedural painter, a measured judge, a difference segmenter) live in toy_worl
 dataset's renderer; this module imports them, and re-exports the few measurements stages use.
 """
 import base64
+import hashlib
 import io
 import json
 import os
@@ -32,6 +34,7 @@ from typing import Protocol
 import numpy as np
 import torch
 from PIL import Image
+from scipy import ndimage
 
 from toy_world import (  # the offline world: the toy dataset's renderer and the offline backends
     COLOURS, FAMILY_DEFAULTS, HUES, SHAPE_PHRASES, TOY_CATEGORIES, DifferenceSegmenter, MeasuredJudge,
@@ -484,6 +487,20 @@ class CallError(ToolError):
     """A malformed call (unknown or disabled tool, missing argument): also a format error."""
 
 
+class BackendError(ToolError):
+    """A model backend failed (network, HTTP status, a reply that is not the asked JSON, a library
+    error): the agent sees it like any tool error, the Toolbox counts it, RL drops a failed judgement.
+    status: the HTTP status when a server answered with one."""
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status
+
+
+class BackendDown(UserError):
+    """A backend failed MAX_BACKEND_ERRORS times in a row: the run stops with one line."""
+
+
 TOOL_NAMES = {"PG": "prompt_gen", "IG": "image_gen", "QE": "quality_eval",
               "KR": "knowledge_retrieval", "MG": "mask_gen"}
 
@@ -547,11 +564,15 @@ def tool_spec(name) -> dict:
 # ---- model servers: any OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp, hosted APIs) ------
 # Used by the openai: backends and by a served policy. Only the standard library speaks HTTP here.
 
-def image_data_url(image) -> str:
-    """An HxWx3 (or HxW) uint8 image as a base64 PNG data URL, as chat APIs take images."""
+def png_bytes(image) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(image)).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return buffer.getvalue()
+
+
+def image_data_url(image) -> str:
+    """An HxWx3 (or HxW) uint8 image as a base64 PNG data URL, as chat APIs take images."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
 class ModelServer:
@@ -580,14 +601,14 @@ class ModelServer:
         headers = {"Content-Type": content_type}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
-        where = f"{self.base_url}{path}"
+        where, status = f"{self.base_url}{path}", None
         for attempt in range(self.retries + 1):
             try:
                 request = urllib.request.Request(where, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(request, timeout=self.timeout) as reply:
                     return json.loads(reply.read().decode("utf-8", "replace"))
             except urllib.error.HTTPError as e:
-                problem = f"HTTP {e.code} {e.reason}"
+                problem, status = f"HTTP {e.code} {e.reason}", e.code
                 if e.code not in (429, 500, 502, 503, 504):
                     break
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
@@ -597,7 +618,7 @@ class ModelServer:
                 break
             if attempt < self.retries:
                 time.sleep(0.5 * 2 ** attempt)
-        raise ToolError(f"{where}: {problem}")
+        raise BackendError(f"{where}: {problem}", status)
 
     def chat(self, messages, **params) -> str:
         """The text of the model's reply to chat messages (OpenAI format; images as data URLs)."""
@@ -606,7 +627,297 @@ class ModelServer:
         try:
             return reply["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
-            raise ToolError(f"{self.base_url}/chat/completions: a reply without choices[0].message") from None
+            raise BackendError(f"{self.base_url}/chat/completions: a reply without choices[0].message") from None
+
+    def post_form(self, path, fields, files) -> dict:
+        """POST a multipart/form-data body: text fields, and files as {name: (filename, bytes)}."""
+        boundary = f"----anomalyagent{os.urandom(8).hex()}"
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                 for k, v in fields.items()]
+        parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{name}"\r\n'
+                  f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n"
+                  for k, (name, data) in files.items()]
+        return self.post(path, b"".join(parts) + f"--{boundary}--\r\n".encode(),
+                         f"multipart/form-data; boundary={boundary}")
+
+
+# ---- real-model backends: vision-language judges and prompt writers, diffusion and served editors --
+# Picked on the command line (add_backend_flags, make_toolbox below):
+#   --pg offline | vlm:<hf-id-or-folder> | openai:<base-url>#<model>
+#   --qe measured | vlm:<hf-id-or-folder> | openai:<base-url>#<model>
+#   --ig procedural | diffusers:<hf-id-or-folder> | openai:<base-url>#<model>
+#   --mg difference | edit-mask
+# Every failure of a model (network, HTTP status, a reply that is not the asked JSON, a library
+# error on an odd input, NaN pixels) is a BackendError: the agent sees an observation, never a
+# traceback, and the Toolbox stops the run after MAX_BACKEND_ERRORS in a row.
+
+# ---- the texts the model backends send: the paper's QE rubric and PG prompt, in our words ------
+JUDGE_PROMPT = """You are a strict inspector of synthetic industrial defects. Image 1 shows \
+{object}, free of defects. Image 2 is image 1 after an edit that should add one realistic \
+"{defect}" defect.{description}
+
+Score image 2 with this rubric (5: indistinguishable from a real defect; 0: a failure):
+- location_score, 0-5: the defect lies on a physically plausible part of the item for a \
+{defect}, follows the item's geometry, at a plausible size, not floating in the background nor \
+spilling over unrelated regions.
+- quality_score, 0-5: it is clearly visible and looks like a real {defect} (texture, scale, \
+contrast, lighting), blends into the surface with nothing pasted-on, and the rest of the image is \
+unchanged.
+Then write a short review: what is wrong, and how the edit prompt should change.
+
+Answer with JSON only: {{"location_score": <0-5>, "quality_score": <0-5>, "review": "<review>"}}"""
+
+PROMPT_WRITER_PROMPT = """You write prompts for an image editor that synthesizes industrial \
+defects. The image shows {object}, free of defects. Write one local-edit prompt that adds a \
+realistic "{defect}" defect to it, in this form: "Using the provided image, change only <part> to \
+introduce <the defect: shape, colour, size, texture>. Keep the rest of the image unchanged."
+
+Answer with JSON only: {{"prompt": "<the prompt>"}}"""
+
+JUDGE_SCHEMA = {"type": "object", "required": ["location_score", "quality_score", "review"],
+                "properties": {"location_score": {"type": "number"}, "quality_score": {"type": "number"},
+                               "review": {"type": "string"}}}
+PROMPT_SCHEMA = {"type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}}
+# ----------------------------------------------------------------------------------------------
+
+MAX_BACKEND_ERRORS = 5   # backend failures in a row that stop a run
+MAX_EDIT_SHARE = 0.5     # an editor that changes more of the image than this made no local edit
+
+
+def first_line(error) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]
+
+
+def parse_json_reply(text, required) -> dict:
+    """The first JSON object with the required keys in a model's reply: thinking blocks, code
+    fences and text around it are skipped."""
+    text = re.sub(r"<think>.*?</think>", "", text, flags=re.S).split("</think>")[-1]
+    decoder = json.JSONDecoder()
+    for start in (m.start() for m in re.finditer(r"\{", text)):
+        try:
+            value, _ = decoder.raw_decode(text, start)
+        except ValueError:
+            continue
+        if isinstance(value, dict) and all(k in value for k in required):
+            return value
+    raise BackendError(f"the reply holds no JSON object with {', '.join(required)}: {text.strip()[:80]!r}")
+
+
+class ServedChat:
+    """A vision-language model on an OpenAI-compatible server: images as PNG data URLs, a
+    JSON-schema response_format until the server refuses it (HTTP 400), then the prompt alone."""
+
+    def __init__(self, server):
+        self.server, self.structured = server, True
+        self.name = f"openai:{server.base_url}#{server.model}"
+
+    def ask(self, images, text, schema, temperature=None) -> str:
+        content = [{"type": "image_url", "image_url": {"url": image_data_url(im)}} for im in images]
+        params = {} if temperature is None else {"temperature": temperature}
+        if self.structured:
+            params["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+        try:
+            return self.server.chat([{"role": "user", "content": content + [{"type": "text", "text": text}]}],
+                                    **params)
+        except BackendError as e:
+            if not (self.structured and e.status == 400):
+                raise
+            self.structured = False
+            return self.ask(images, text, schema, temperature)
+
+
+class LocalChat:
+    """A transformers vision-language model (any Qwen-VL checkpoint) through the policy wrapper, greedy."""
+
+    def __init__(self, source, flag, device="cpu", max_new_tokens=1024):
+        self.name = f"vlm:{source}"
+        self.model = VLMPolicy.load(source, device=device, flag=flag, temperature=0,
+                                    max_new_tokens=max_new_tokens)
+
+    def ask(self, images, text, schema, temperature=None) -> str:
+        content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
+        try:
+            return self.model.act([[{"role": "user", "content": content}]])[0]
+        except Exception as e:   # whatever the model makes of an input is the tool's failure, not the run's
+            raise BackendError(f"{self.name}: {type(e).__name__}: {first_line(e)}") from None
+
+
+def ask_json(chat, images, text, schema, temperature=None) -> dict:
+    """The reply's JSON object; an unparseable reply is asked once more, then is a BackendError."""
+    for _ in range(2):
+        try:
+            return parse_json_reply(chat.ask(images, text, schema, temperature), schema["required"])
+        except BackendError as e:
+            if e.status is not None:   # the server's own failures were retried by ModelServer
+                raise
+            problem = e
+    raise BackendError(f"{chat.name}: {problem}")
+
+
+class ModelJudge:
+    """QE backend: a vision-language model scores the edit with the paper's rubric (JUDGE_PROMPT),
+    greedy; score = location_score + quality_score, each clamped to 0-5. It gives no advice data."""
+
+    def __init__(self, chat):
+        self.chat = chat
+
+    def evaluate(self, normal, candidate, kind, entry) -> dict:
+        known = f" What it looks like: {entry['description']}" if entry.get("description") else ""
+        text = JUDGE_PROMPT.format(object=entry["object"], defect=entry["type"].replace("_", " "),
+                                   description=known)
+        reply = ask_json(self.chat, [normal, candidate], text, JUDGE_SCHEMA, temperature=0)
+        try:
+            location, quality = (float(reply[k]) for k in ("location_score", "quality_score"))
+        except (TypeError, ValueError):
+            raise BackendError(f"{self.chat.name}: the scores are not numbers") from None
+        if not np.isfinite([location, quality]).all():
+            raise BackendError(f"{self.chat.name}: the scores are not finite")
+        location, quality = min(max(location, 0.0), 5.0), min(max(quality, 0.0), 5.0)
+        return {"location_score": location, "quality_score": quality, "score": location + quality,
+                "review": str(reply["review"])}
+
+
+class ModelPromptWriter:
+    """PG backend: a vision-language model writes the local-edit prompt (PROMPT_WRITER_PROMPT)
+    from the normal image, the item and the type."""
+
+    def __init__(self, chat):
+        self.chat = chat
+
+    def write(self, normal, entry, rng) -> str:
+        text = PROMPT_WRITER_PROMPT.format(object=entry["object"], defect=entry["type"].replace("_", " "))
+        prompt = ask_json(self.chat, [normal], text, PROMPT_SCHEMA)["prompt"]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BackendError(f"{self.chat.name}: the prompt is empty")
+        return prompt.strip()
+
+
+class PastingEditor:
+    """What the model editors share: the output is resized to the input's size and, with paste-back,
+    only the region the editor was allowed to change (its mask, or the changed components of a
+    whole-image edit) is composited onto the original, feathered inwards, so nothing else drifts.
+    Each output's allowed region is kept for MG's edit-mask."""
+
+    def __init__(self, paste_back=True):
+        self.paste_back, self.allowed = paste_back, {}
+
+    def finish(self, image, edited, allowed=None, region=None) -> np.ndarray:
+        """edited: the model's RGB output, uint8 or float 0-1, any size; allowed: HxW bool, or None
+        for a whole-image edit."""
+        edited = np.asarray(edited)
+        if edited.dtype != np.uint8:
+            if not np.isfinite(edited).all():
+                raise BackendError(f"{self.name}: the editor returned non-finite pixels")
+            edited = np.clip(np.round(edited * 255), 0, 255).astype(np.uint8)
+        h, w = image.shape[:2]
+        edited = np.asarray(Image.fromarray(edited).convert("RGB").resize((w, h), Image.LANCZOS))
+        feather = max(2, round(h / 64))
+        if allowed is None:   # a whole-image edit: what it changed, widened by the feather
+            allowed = ndimage.binary_dilation(DifferenceSegmenter().segment(image, edited), iterations=feather)
+        if region is not None:
+            allowed = allowed & region_mask(region, (h, w))
+        if allowed.mean() > MAX_EDIT_SHARE:
+            raise ToolError(f"the editor changed {allowed.mean():.0%} of the image, more than half: not a "
+                            "local edit; name one small place in the prompt, or give a region")
+        if self.paste_back:
+            alpha = np.clip(ndimage.distance_transform_edt(allowed) / feather, 0, 1)[..., None]
+            edited = np.round(image * (1 - alpha) + edited * alpha).astype(np.uint8)
+        self.allowed[hashlib.sha1(edited.tobytes()).hexdigest()] = allowed
+        while len(self.allowed) > 256:   # the oldest edits' masks are no longer asked for
+            self.allowed.pop(next(iter(self.allowed)))
+        return edited
+
+    def allowed_region(self, edited):
+        return self.allowed.get(hashlib.sha1(np.ascontiguousarray(edited).tobytes()).hexdigest())
+
+
+class DiffusersEditor(PastingEditor):
+    """IG backend: a diffusers pipeline, of the class DiffusionPipeline.from_pretrained picks.
+    An inpainting pipeline (one that takes mask_image: SD / SDXL inpainting, FLUX.2 klein or
+    Qwen-Image-Edit inpainting) paints into the agent's region, or else into the footprint the
+    procedural painter gives the prompt's place, size and shape words, widened and kept on the
+    object. An instruction editor (InstructPix2Pix, FLUX.1 Kontext, Qwen-Image-Edit, FLUX.2 klein)
+    edits the whole image. The model works at size x size pixels."""
+
+    def __init__(self, source, steps=30, size=512, guidance=None, dtype="auto", offload=False,
+                 device="cpu", paste_back=True):
+        import inspect
+        import diffusers
+        super().__init__(paste_back)
+        diffusers.utils.logging.set_verbosity_error()
+        self.name, self.steps, self.size, self.guidance = f"diffusers:{source}", steps, size, guidance
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        dtype = dtypes.get(dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        try:
+            self.pipe = diffusers.DiffusionPipeline.from_pretrained(source, dtype=dtype)
+        except Exception as e:   # a missing folder, a wrong id, a non-diffusers folder: one line
+            raise UserError(f"--ig {self.name}: cannot load a diffusers pipeline ({first_line(e)})") from None
+        self.inputs = set(inspect.signature(self.pipe.__call__).parameters)
+        if "image" not in self.inputs:
+            raise UserError(f"--ig {self.name}: {type(self.pipe).__name__} makes images, it does not edit them")
+        self.inpaints = "mask_image" in self.inputs
+        self.pipe.enable_model_cpu_offload() if offload else self.pipe.to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.painter = ProceduralPainter()
+
+    def edit(self, image, prompt, kind, rng, region=None) -> np.ndarray:
+        h, w = image.shape[:2]
+        side = (self.size, self.size)
+        call = {"prompt": prompt, "image": Image.fromarray(image).resize(side, Image.LANCZOS),
+                "num_inference_steps": self.steps, "output_type": "np",
+                "generator": torch.Generator().manual_seed(int(rng.integers(2 ** 31)))}
+        call.update({k: v for k, v in (("height", self.size), ("width", self.size),
+                                        ("guidance_scale", self.guidance)) if k in self.inputs and v is not None})
+        mask = None
+        if self.inpaints:
+            if region is not None:
+                mask = region_mask(region, (h, w))
+            else:
+                _, coverage = self.painter.footprint(image, prompt, kind, rng)
+                mask = ndimage.binary_dilation(coverage > 0, iterations=max(2, round(h / 64))) \
+                    & foreground_mask(image, kind)
+            call["mask_image"] = Image.fromarray(mask.astype(np.uint8) * 255).resize(side, Image.NEAREST)
+        try:
+            with torch.no_grad():
+                output = self.pipe(**call).images[0]
+        except Exception as e:   # a library error on an odd input is the tool's failure, not the run's
+            raise BackendError(f"{self.name}: {type(e).__name__}: {first_line(e)}") from None
+        if isinstance(output, Image.Image):
+            output = np.asarray(output.convert("RGB"))
+        return self.finish(image, output, mask, region)
+
+
+class ServedEditor(PastingEditor):
+    """IG backend: POST <base-url>/images/edits, as vLLM-Omni, LiteLLM in front of Gemini's image
+    model and OpenAI serve it; the whole image is edited, then pasted back as an instruction edit."""
+
+    def __init__(self, server, paste_back=True):
+        super().__init__(paste_back)
+        self.server, self.name = server, f"openai:{server.base_url}#{server.model}"
+
+    def edit(self, image, prompt, kind, rng, region=None) -> np.ndarray:
+        reply = self.server.post_form("/images/edits", {"model": self.server.model, "prompt": prompt, "n": "1",
+                                                        "response_format": "b64_json"},
+                                      {"image": ("image.png", png_bytes(image))})
+        try:
+            data = base64.b64decode(reply["data"][0]["b64_json"])
+            output = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        except (KeyError, IndexError, TypeError, ValueError, OSError):
+            raise BackendError(f"{self.name}: the /images/edits reply holds no b64_json image") from None
+        return self.finish(image, output, None, region)
+
+
+class EditMaskSegmenter:
+    """MG backend: the measured change, within the region the editor was allowed to change (the
+    measured change alone for an edit the editor kept no region for, e.g. the procedural painter's)."""
+
+    def __init__(self, editor):
+        self.editor, self.measured = editor, DifferenceSegmenter()
+
+    def segment(self, normal, edited) -> np.ndarray:
+        mask = self.measured.segment(normal, edited)
+        allowed = getattr(self.editor, "allowed_region", lambda image: None)(edited)
+        return mask if allowed is None else mask & allowed
 
 
 class Toolbox:
@@ -621,6 +932,14 @@ class Toolbox:
         self.editor: ImageEditor = editor or ProceduralPainter()
         self.judge: Judge = judge or MeasuredJudge()
         self.segmenter: Segmenter = segmenter or DifferenceSegmenter()
+        self.backend_errors = {}   # tool -> its backend's failures in a row
+
+    def count_backend_error(self, tool, error=None):
+        """A failed call of the tool counts (error given), a served one resets its count;
+        MAX_BACKEND_ERRORS failures of one tool's backend in a row stop the run."""
+        self.backend_errors[tool] = self.backend_errors.get(tool, 0) + 1 if error else 0
+        if self.backend_errors[tool] >= MAX_BACKEND_ERRORS:
+            raise BackendDown(f"{tool}: {MAX_BACKEND_ERRORS} backend errors in a row, stopping; the last: {error}")
 
     def specs(self):
         return [tool_spec(n) for n in self.enabled]
@@ -636,6 +955,61 @@ class Toolbox:
         except KnowledgeError:
             return {"type": normalize_key(defect), "object": f"a {item}", "kind": task.kind,
                     "attributes": guess_attributes(defect)}
+
+
+# the backend settings that change what an episode gives (the key's variable and offload do not)
+BACKEND_DEFAULTS = {"pg": "offline", "qe": "measured", "ig": "procedural", "mg": "difference", "ig_steps": 30,
+                    "ig_size": 512, "ig_guidance": None, "ig_dtype": "auto", "paste_back": True}
+BACKEND_SETTINGS = tuple(BACKEND_DEFAULTS)
+
+
+def add_backend_flags(parser):
+    """The "tools" flag group every stage that plays episodes adds: a backend per tool."""
+    g = parser.add_argument_group("tools (backends; README: With real models)")
+    g.add_argument("--pg", default=BACKEND_DEFAULTS["pg"], help="prompt writer: offline | vlm:<hf-id-or-folder> | openai:<base-url>#<model>")
+    g.add_argument("--qe", default=BACKEND_DEFAULTS["qe"], help="judge: measured | vlm:<hf-id-or-folder> | openai:<base-url>#<model>")
+    g.add_argument("--ig", default=BACKEND_DEFAULTS["ig"], help="editor: procedural | diffusers:<hf-id-or-folder> | openai:<base-url>#<model>")
+    g.add_argument("--mg", default=BACKEND_DEFAULTS["mg"], choices=["difference", "edit-mask"],
+                   help="mask: the measured change, or only within the region the editor was allowed to change")
+    g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable that holds the openai: key")
+    g.add_argument("--ig-steps", type=int, default=BACKEND_DEFAULTS["ig_steps"], help="diffusers: denoising steps")
+    g.add_argument("--ig-size", type=int, default=BACKEND_DEFAULTS["ig_size"], help="diffusers: working size in pixels (output: the dataset's)")
+    g.add_argument("--ig-guidance", type=float, default=BACKEND_DEFAULTS["ig_guidance"], help="diffusers: guidance scale (default: the pipeline's)")
+    g.add_argument("--ig-dtype", default=BACKEND_DEFAULTS["ig_dtype"], choices=["auto", "float32", "bfloat16", "float16"],
+                   help="diffusers: weight dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    g.add_argument("--ig-offload", action="store_true", help="diffusers: CPU offload (less GPU memory, slower)")
+    g.add_argument("--no-paste-back", dest="paste_back", action="store_false",
+                   help="keep the editor's whole output, not only the edited region pasted onto the original")
+    g.add_argument("--vlm-max-new-tokens", type=int, default=1024, help="vlm: longest reply of a local judge or writer")
+
+
+def make_toolbox(args, enabled=None, knowledge=None) -> Toolbox:
+    """The Toolbox with the backends add_backend_flags' flags name, for the enabled tools."""
+    enabled = list(enabled or TOOL_NAMES.values())
+    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def chat(spec, flag, default):
+        if spec.startswith("vlm:"):
+            return LocalChat(spec[len("vlm:"):], f"{flag} vlm:", device, args.vlm_max_new_tokens)
+        if spec.startswith("openai:"):
+            return ServedChat(ModelServer(spec, args.api_key_env))
+        raise UserError(f"{flag} {spec}: use {default}, vlm:<hf-id-or-folder> or openai:<base-url>#<model>")
+
+    backends = {}
+    if args.pg != "offline" and "prompt_gen" in enabled:
+        backends["prompt_writer"] = ModelPromptWriter(chat(args.pg, "--pg", "offline"))
+    if args.qe != "measured" and "quality_eval" in enabled:
+        backends["judge"] = ModelJudge(chat(args.qe, "--qe", "measured"))
+    if args.ig.startswith("diffusers:"):
+        backends["editor"] = DiffusersEditor(args.ig[len("diffusers:"):], args.ig_steps, args.ig_size, args.ig_guidance,
+                                             args.ig_dtype, args.ig_offload, device, args.paste_back)
+    elif args.ig.startswith("openai:"):
+        backends["editor"] = ServedEditor(ModelServer(args.ig, args.api_key_env), args.paste_back)
+    elif args.ig != "procedural":
+        raise UserError(f"--ig {args.ig}: use procedural, diffusers:<hf-id-or-folder> or openai:<base-url>#<model>")
+    if args.mg == "edit-mask":
+        backends["segmenter"] = EditMaskSegmenter(backends.setdefault("editor", ProceduralPainter()))
+    return Toolbox(enabled, knowledge, **backends)
 
 
 ARGUMENT_TYPES = {"integer": "an integer", "string": "a string", "array": "a list of numbers"}
@@ -688,7 +1062,13 @@ class ToolSession:
                 raise CallError(f"{name}: {arg} must be {ARGUMENT_TYPES[kind]}, not {json_kind(args[arg])}")
         self.calls += 1
         self.rng = np.random.default_rng([self.task.seed, self.calls])   # each call its own draw
-        return getattr(self, name)(**{k: v for k, v in args.items() if k in TOOL_SCHEMAS[name]["parameters"]})
+        try:
+            served = getattr(self, name)(**{k: v for k, v in args.items() if k in TOOL_SCHEMAS[name]["parameters"]})
+        except BackendError as e:
+            self.box.count_backend_error(name, e)
+            raise
+        self.box.count_backend_error(name)
+        return served
 
     def is_generated(self, k) -> bool:
         return isinstance(k, int) and 1 <= k <= len(self.images) and self.sources[k - 1] == "generated"
@@ -916,6 +1296,10 @@ class Episode:
                 result, images = {"error": str(e)}, []
                 if isinstance(e, CallError):
                     info.update(format_ok=False, error=str(e))
+                if isinstance(e, BackendError):
+                    info["backend_error"] = True   # rl.py leaves an episode whose judge failed out of its group
+            except UserError:   # BackendDown: the run stops
+                raise
             except Exception as e:   # a backend bug must not end a batch of episodes
                 result, images = {"error": f"{name} failed: {type(e).__name__}: {e}"}, []
             info["result"] = result
@@ -1067,12 +1451,12 @@ class VLMPolicy:
 
     # -- loading and saving ----------------------------------------------------------------------
     @classmethod
-    def load(cls, path, device="cpu", **kwargs):
+    def load(cls, path, device="cpu", flag="--policy ", **kwargs):
         """A model folder (runs/sft, a local checkpoint) or a Hugging Face id, e.g.
-        Qwen/Qwen3-VL-4B-Thinking. bf16 on GPU."""
+        Qwen/Qwen3-VL-4B-Thinking. bf16 on GPU. flag: how errors name the option, before the path."""
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
         if Path(path).exists() and not (Path(path) / "config.json").is_file():
-            raise UserError(f"--policy {path} is not a model: expected a folder with config.json "
+            raise UserError(f"{flag}{path} is not a model: expected a folder with config.json "
                             "(run sft.py first) or a Hugging Face id")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -1080,7 +1464,7 @@ class VLMPolicy:
             model = AutoModelForImageTextToText.from_pretrained(
                 path, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
         except (OSError, ValueError) as e:
-            raise UserError(f"--policy {path}: cannot load a vision-language model ({str(e).splitlines()[0]})") from None
+            raise UserError(f"{flag}{path}: cannot load a vision-language model ({str(e).splitlines()[0]})") from None
         return cls(model.to(device).eval(), tokenizer, image_processor, **kwargs)
 
     def save(self, path):

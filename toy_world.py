@@ -985,6 +985,12 @@ class ProceduralPainter:
                          float(min(width, side / 4)), soft, place)
 
     def edit(self, image, prompt, kind, rng, region=None) -> np.ndarray:
+        spec, alpha = self.footprint(image, prompt, kind, rng, region)
+        return self._apply(image, spec, alpha, rng)
+
+    def footprint(self, image, prompt, kind, rng, region=None):
+        """What the prompt asks for and where it goes: the spec and the defect's coverage (HxW,
+        0-1), kept on the object and inside the region. A mask-based editor paints into it too."""
         side = image.shape[0]
         spec = self.read(prompt, side, rng)
         fg = foreground_mask(image, kind)
@@ -1004,8 +1010,7 @@ class ProceduralPainter:
         else:
             alpha = ndimage.gaussian_filter(alpha, 0.5)
         alpha[alpha < 0.03] = 0
-        alpha *= support
-        return self._apply(image, spec, alpha, rng)
+        return spec, alpha * support
 
     def _anchor(self, spec, fg, support, rng):
         h, w = fg.shape

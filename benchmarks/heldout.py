@@ -29,6 +29,7 @@ def get_args(argv=None):
     p.add_argument("--eval-per-type", type=int, default=4, help="prompts per (training category, type), as in rl.py")
     p.add_argument("--seed", type=int, default=0, help="rl.py's --seed (the prompts) and the sampling seed")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 when the cores are shared)")
+    tools.add_backend_flags(p)
     return p.parse_args(argv)
 
 
@@ -38,7 +39,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     dataset = tools.load_dataset("toy")
     plan = rl.validation_prompts(dataset, args.eval_per_type, args.seed)
-    toolbox = tools.Toolbox()
+    toolbox = tools.make_toolbox(args)
     rl_args = rl.get_args([])   # rl.py's reward weights and --max-turns
     rows = []
     for path in args.policies:
