@@ -1,9 +1,11 @@
 """synthesize.py end to end, as a user runs it (subprocesses), plus its acceptance measurements."""
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import ndimage
 
 import tools
@@ -240,3 +242,27 @@ def test_cutpaste_pastes_a_patch_of_the_image_and_draem_a_texture(toy):
     assert 0 <= notes["beta"] <= 0.8 and mask.any() and np.array_equal(image[~mask], task.image[~mask])
     noise = synthesize.perlin_noise((64, 64), (4, 4), np.random.default_rng(0))
     assert -1.01 <= noise.min() < 0 < noise.max() <= 1.01 and abs(noise[0, 0]) < 1e-9   # zero on the lattice
+
+
+def test_mvtec_layout_is_a_dataset_the_project_reads_back(toy_root, toy, tmp_path):
+    """--layout mvtec writes train/good, test/<type>, ground_truth/<type>/<i>_mask.png (0/255), and
+    `--data mvtec` on that folder synthesizes again."""
+    out = tmp_path / "as-mvtec"
+    result = run_script("synthesize.py", "--data-root", toy_root, "--categories", "bottle", "--per-type", 2,
+                        "--layout", "mvtec", "--out", out)
+    assert result.returncode == 0, result.stderr
+    rs = records(out)
+    assert len(rs) == 2 * len(toy.types("bottle"))
+    for r in rs:
+        cat, t, i = r["id"].split("/")
+        image = tools.load_image(out / cat / "test" / t / f"{i}.png")
+        assert np.array_equal(image, tools.load_image(out / r["final_image"]))
+        mask = np.asarray(Image.open(out / cat / "ground_truth" / t / f"{i}_mask.png"))
+        assert mask.shape == image.shape[:2] and set(np.unique(mask)) == {0, 255}
+        normal = tools.load_image(out / cat / "train" / "good" / f"{Path(r['normal_image']).stem}.png")
+        assert np.array_equal(normal, toy.load(r["normal_image"]))
+    assert not (out / "bottle" / rs[0]["anomaly_type"] / "image").exists()
+    again = run_script("synthesize.py", "--data", "mvtec", "--data-root", out, "--per-type", 1,
+                       "--out", tmp_path / "again")
+    assert again.returncode == 0, again.stderr
+    assert len(records(tmp_path / "again")) == len(toy.types("bottle"))
