@@ -20,7 +20,7 @@ through the shared episode runner (tools.run_episodes), and writes:
     OUT/<category>/<type>/image/<i>.png       the final anomaly image (the layout evaluate.py reads)
     OUT/<category>/<type>/mask/<i>.png        its mask
     OUT/<category>/<type>/steps/<i>/<k>.png   every image of the episode, k = the agent's numbering
-    OUT/trajectories.jsonl                    one trajectory per line, images by relative path
+    OUT/trajectories.jsonl                    one trajectory per line, in build_trajectories.py's format
     OUT/index.html                            a gallery: normal, anomaly, mask and the agent's turns
     OUT/overview.png                          one row per type: normal, then anomalies and outlines
     OUT/config.json, OUT/summary.json         the settings, and the run's rates
@@ -156,6 +156,7 @@ def save_record(record, out, toolbox, layout) -> dict:
         tools.save_png(mask, out / record["mask"])
     record["step_images"] = tools.save_episode_images(record["messages"], record.pop("images"), out,
                                                       paths["steps"])
+    record["messages"], record["images"] = tools.stored_conversation(record["messages"])
     return record
 
 
@@ -179,7 +180,8 @@ def write_gallery(out, records) -> None:
             figures += [img(r["final_image"], f"final: image {r['final_image_index']}"),
                         img(r["mask"], "mask")]
         turns = []
-        for m in r["messages"][2:]:
+        messages = tools.live_conversation(r["messages"], r["images"]) if "images" in r else r["messages"]
+        for m in messages[2:]:   # (runs made before the stored format have the paths in the parts)
             parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
             body = "".join(f'<img class="small" src="{html.escape(p["image"])}">' if p["type"] == "image"
                            else f"<pre>{html.escape(p['text'])}</pre>" for p in parts)

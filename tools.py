@@ -1003,6 +1003,43 @@ def conversation_images(messages, root=None) -> list:
     return images
 
 
+# ---- trajectories on disk --------------------------------------------------------------------
+# Stored in one format, the one TRL's vision-language SFT reads as it is: every message's content
+# is a list of parts, an image part is a bare {"type": "image"} placeholder, and the row's "images"
+# lists the image files in placeholder order, relative to the JSONL file's folder. In memory
+# (episodes, training) system and assistant contents are plain strings and each image part carries
+# its image (an array, or a path once saved); the two functions below convert exactly.
+
+def stored_conversation(messages) -> tuple:
+    """(messages, images): the conversation in the stored format and what its image parts carried."""
+    stored, images = [], []
+    for m in messages:
+        parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+        content = []
+        for part in parts:
+            if part["type"] == "image":
+                images.append(part["image"])
+                content.append({"type": "image"})
+            else:
+                content.append({"type": "text", "text": part["text"]})
+        stored.append({**m, "content": content})
+    return stored, images
+
+
+def live_conversation(messages, images) -> list:
+    """The in-memory form of stored messages: system and assistant contents as strings, each image
+    placeholder with its entry of images, in order."""
+    images = iter(images)
+    live = []
+    for m in messages:
+        if m["role"] in ("system", "assistant"):
+            live.append({**m, "content": message_text(m)})
+        else:
+            live.append({**m, "content": [{"type": "image", "image": next(images)} if p["type"] == "image"
+                                          else p for p in m["content"]]})
+    return live
+
+
 class VLMPolicy:
     """A transformers vision-language model with its tokenizer and image processor.
 

@@ -40,11 +40,10 @@ def test_default_run_covers_every_eval_type_with_complete_trajectories(default_r
         calls = r["tool_calls"]
         assert calls[:3] == ["prompt_gen", "image_gen", "quality_eval"] and calls[-2:] == ["mask_gen", "answer"]
         assert r["format_valid"] and r["stop_reason"] == "answer"
-        # every message's image is a file beside the log
-        for m in r["messages"]:
-            for part in m["content"] if isinstance(m["content"], list) else []:
-                if part["type"] == "image":
-                    assert (out / part["image"]).is_file()
+        # the stored format: image placeholders, and the files (beside the log) in their order
+        placeholders = [p for m in r["messages"] for p in m["content"] if p["type"] == "image"]
+        assert placeholders == [{"type": "image"}] * len(r["images"])
+        assert all((out / path).is_file() for path in r["images"])
 
 
 def test_masks_are_nonempty_and_nothing_outside_them_changed(default_run, toy):
