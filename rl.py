@@ -275,7 +275,8 @@ def summarize(records, parts, prefix="") -> dict:
 def evaluate(policy, dataset, plan, toolbox, args, temperature=0.0) -> dict:
     """Episodes on the held-out prompts, greedy unless a temperature is given (benchmarks/heldout.py)."""
     temperature, policy.temperature = policy.temperature, temperature
-    policy.model.eval()
+    if hasattr(policy, "model"):   # a served policy has no local model
+        policy.model.eval()
     records = []
     for i in range(0, len(plan), 32):
         records += tools.run_episodes(policy, [tools.make_task(dataset, p) for p in plan[i:i + 32]],

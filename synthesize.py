@@ -34,7 +34,9 @@ MVTec-AD and Folder datamodules, this project's --data mvtec) train on directly:
     OUT/steps/<category>/<type>/<i>/<k>.png              the episodes' images, outside the dataset
 
 Rerunning with the same settings resumes: finished samples are kept and only missing ones are made.
-The policy is the scripted expert by default, or a trained model (--policy runs/sft or runs/rl).
+The policy is the scripted expert by default, or a trained model (--policy runs/sft or runs/rl), here
+or behind an OpenAI-compatible server (--policy openai:http://localhost:8000/v1#runs/rl after
+`vllm serve runs/rl`; the API key, if any, from OPENAI_API_KEY).
 Simplifies: the offline tool backends (procedural painter, measured judge) stand in for the paper's
 Gemini models.
 """
@@ -65,7 +67,7 @@ def get_args(argv=None):
     data.add_argument("--per-type", type=int, default=5, help="samples per (category, type)")
     agent = p.add_argument_group("generator")
     agent.add_argument("--method", default="agent", help="agent (default), or a baseline: fixed-prompt, draem, cutpaste")
-    agent.add_argument("--policy", default="expert", help="expert (scripted), a trained model folder (runs/sft) or a Hugging Face id")
+    agent.add_argument("--policy", default="expert", help="expert (scripted), a trained model folder (runs/sft), a Hugging Face id, or a served model: openai:<base-url>#<model>")
     agent.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of a model policy (0: greedy)")
     agent.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where a model policy runs")
     agent.add_argument("--tools", default="PG,IG,QE,KR,MG", help="tools the agent may call (ablations)")

@@ -1274,10 +1274,60 @@ def tiny_policy(texts, image_side=128, seed=0, **kwargs) -> VLMPolicy:
     return VLMPolicy(model, tokenizer, image_processor, **kwargs)
 
 
+def chat_messages(messages, root=None) -> list:
+    """A conversation as OpenAI chat messages: text contents as strings, images as base64 PNG data
+    URLs in image_url parts, in place; tool observations keep the role "tool" and their name (the
+    chat template renders them as Qwen's <tool_response> turns)."""
+    chat = []
+    for m in messages:
+        if not isinstance(m["content"], list):
+            chat.append({**m})
+            continue
+        content = []
+        for part in m["content"]:
+            if part["type"] == "image":
+                image = part["image"]
+                if isinstance(image, str):
+                    image = load_image(Path(root or ".") / image)
+                content.append({"type": "image_url", "image_url": {"url": image_data_url(image)}})
+            else:
+                content.append({"type": "text", "text": part["text"]})
+        chat.append({**m, "content": content})
+    return chat
+
+
+class ServedPolicy:
+    """The policy as a model behind an OpenAI-compatible server, e.g. `vllm serve runs/rl`
+    (--policy openai:http://localhost:8000/v1#runs/rl). The conversations of a turn are sent
+    concurrently, so the server batches them. A request that fails (after the client's retries)
+    is an empty reply: the runner records a turn without an action and the episode ends there."""
+
+    def __init__(self, spec, temperature=0.0, max_new_tokens=384, workers=8, image_root=None,
+                 api_key_env="OPENAI_API_KEY"):
+        self.server = ModelServer(spec, api_key_env=api_key_env)
+        self.temperature, self.max_new_tokens = temperature, max_new_tokens
+        self.workers, self.image_root = workers, image_root
+
+    def act(self, conversations) -> list:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            return list(pool.map(self._reply, conversations))
+
+    def _reply(self, messages) -> str:
+        try:
+            return self.server.chat(chat_messages(messages, self.image_root), temperature=self.temperature,
+                                    max_tokens=self.max_new_tokens)
+        except ToolError:
+            return ""
+
+
 def load_policy(spec, seed=0, device="cpu", **kwargs):
-    """--policy expert | a model folder (runs/sft) | a Hugging Face id."""
+    """--policy expert | openai:<base-url>#<model> (a served policy) | a model folder (runs/sft) |
+    a Hugging Face id."""
     if spec == "expert":
         return ExpertPolicy(seed=seed)
+    if spec.startswith("openai:"):
+        return ServedPolicy(spec, **kwargs)
     torch.manual_seed(seed)
     return VLMPolicy.load(spec, device=device, **kwargs)
 

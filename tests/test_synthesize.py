@@ -265,3 +265,85 @@ def test_mvtec_layout_is_a_dataset_the_project_reads_back(toy_root, toy, tmp_pat
                        "--out", tmp_path / "again")
     assert again.returncode == 0, again.stderr
     assert len(records(tmp_path / "again")) == len(toy.types("bottle"))
+
+
+# ---- a served policy: --policy openai:<base-url>#<model> ----------------------------------------
+
+def from_chat_messages(chat):
+    """OpenAI chat messages back into the runner's conversation (images decoded from data URLs)."""
+    import base64
+    import io
+    messages = []
+    for m in chat:
+        if isinstance(m["content"], str):
+            messages.append(m)
+            continue
+        parts = []
+        for p in m["content"]:
+            if p["type"] == "image_url":
+                data = base64.b64decode(p["image_url"]["url"].split(",", 1)[1])
+                parts.append({"type": "image", "image": np.asarray(Image.open(io.BytesIO(data)))})
+            else:
+                parts.append(p)
+        messages.append({**m, "content": parts})
+    return messages
+
+
+@pytest.fixture
+def expert_server():
+    """A loopback OpenAI-compatible server whose replies are the expert policy's (seed 0); it fails
+    the requests whose conversation names a "fail_on" item, as a server in trouble would."""
+    import http.server
+    import threading
+    expert, seen = tools.ExpertPolicy(seed=0), []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body)
+            messages = from_chat_messages(body["messages"])
+            if "Item: nut." in tools.message_text(messages[1]) and len(messages) > 4:
+                self.send_response(400)   # not retried: the runner must cope with the failed turn
+                self.end_headers()
+                return
+            reply = json.dumps({"choices": [{"message": {"role": "assistant",
+                                                         "content": expert.next_turn(messages)}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"openai:http://127.0.0.1:{server.server_address[1]}/v1#expert", seen
+    server.shutdown()
+
+
+def test_a_served_policy_plays_the_same_episodes_as_the_local_one(expert_server, toy_root, tmp_path):
+    spec, seen = expert_server
+    common = ["--data-root", toy_root, "--categories", "washer", "--per-type", 2, "--batch-size", 4]
+    local = run_script("synthesize.py", *common, "--out", tmp_path / "local")
+    served = run_script("synthesize.py", *common, "--policy", spec, "--out", tmp_path / "served")
+    assert local.returncode == 0 and served.returncode == 0, served.stderr
+    assert records(tmp_path / "served") == records(tmp_path / "local")
+    for r in records(tmp_path / "local"):
+        for path in r["images"]:
+            assert np.array_equal(tools.load_image(tmp_path / "served" / path), tools.load_image(tmp_path / "local" / path))
+    # the images went as data URLs, in place, and every turn of every episode was one request
+    first = seen[0]["messages"][1]["content"]
+    assert first[0]["type"] == "image_url" and first[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert len(seen) == sum(r["num_turns"] for r in records(tmp_path / "served"))
+
+
+def test_a_failing_server_ends_the_episode_not_the_run(expert_server, toy_root, tmp_path):
+    spec, _ = expert_server
+    result = run_script("synthesize.py", "--data-root", toy_root, "--categories", "nut", "--types", "crack",
+                        "--per-type", 2, "--policy", spec, "--out", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    for r in records(tmp_path / "o"):
+        assert r["stop_reason"] == "no_action" and r["turns"][-1]["action"] == "none"
+        assert r["num_turns"] == 3 and r["final_image"] is None   # the third request failed
