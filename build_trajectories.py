@@ -19,8 +19,12 @@ For every real anomaly (image, mask, type) of the training categories:
      and an answer with status "partial". Without it SFT never shows what to do when the attempts
      run out, and the policy refines until max_turns (DECISION; the paper's data only ends on a pass).
 
-Writes OUT/train.jsonl and OUT/val.jsonl (chat "messages" with images by path, plus "images" and
-"tools": the format TRL and LLaMA-Factory read) and the images under OUT/images/.
+Writes OUT/train.jsonl and OUT/val.jsonl in the format TRL's vision-language SFT reads as it is:
+"messages" whose contents are lists of parts, image parts bare {"type": "image"} placeholders, and
+"images", the files in placeholder order, relative to OUT (the images are under OUT/images/). The
+tool schemas are part of the system prompt, once. --format llamafactory also writes the sharegpt
+form LLaMA-Factory reads (OUT/sharegpt_{train,val}.jsonl, "<image>" placeholders) and its
+OUT/dataset_info.json entries (anomalyagent_train, anomalyagent_val).
 Simplifies: the paper removes defects with an image editor; exemplar fill is our stand-in.
 """
 import argparse
@@ -50,6 +54,7 @@ def get_args(argv=None):
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of anomalies held out for validation")
     p.add_argument("--limit", type=int, default=None, help="use at most this many anomalies (quick runs)")
     p.add_argument("--out", default="runs/trajectories", help="output folder")
+    p.add_argument("--format", default="trl", help="trl (always written), or llamafactory: also the sharegpt form")
     p.add_argument("--seed", type=int, default=0, help="seed of attempts, N and KR")
     tools.add_backend_flags(p)
     return p.parse_args(argv)
@@ -220,8 +225,36 @@ def build_one(toolbox, task, anomaly_image, mask, n_attempts, use_kr, rng, ran_o
     return messages, session.images, len(attempts)
 
 
+# ---- the sharegpt form (LLaMA-Factory) ---------------------------------------------------------
+
+def sharegpt_row(record) -> dict:
+    """A stored trajectory as LLaMA-Factory's sharegpt reads it: text contents with an <image>
+    placeholder where each image goes; tool observations keep the role "tool" (its observation tag)."""
+    return {"messages": [{"role": m["role"], "content": "".join("<image>" if p["type"] == "image" else p["text"]
+                                                                for p in m["content"])}
+                         for m in record["messages"]],
+            "images": record["images"]}
+
+
+def write_sharegpt(out, splits) -> None:
+    """OUT/sharegpt_<split>.jsonl and OUT/dataset_info.json (LLaMA-Factory's --dataset_dir OUT)."""
+    info = {}
+    for split, records in splits.items():
+        if not records:
+            continue
+        name = f"sharegpt_{split}.jsonl"
+        tools.write_atomic(out / name, "".join(json.dumps(sharegpt_row(r)) + "\n" for r in records))
+        info[f"anomalyagent_{split}"] = {
+            "file_name": name, "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
+            "tags": {"role_tag": "role", "content_tag": "content", "system_tag": "system", "user_tag": "user",
+                     "assistant_tag": "assistant", "observation_tag": "tool"}}
+    tools.write_atomic(out / "dataset_info.json", json.dumps(info, indent=1))
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.format not in ("trl", "llamafactory"):
+        raise tools.UserError(f"--format must be trl or llamafactory, not '{args.format}'")
     if not 1 <= args.n_max <= 5:
         raise tools.UserError("--n-max must be between 1 and 5")
     for flag, value in (("--kr-prob", args.kr_prob), ("--ran-out-prob", args.ran_out_prob)):
@@ -275,16 +308,19 @@ def main(argv=None):
         # both variants of one anomaly go to the same split
         split = "val" if tools.stable_seed("split", record_id) % 1000 < 1000 * args.val_fraction else "train"
         for variant_id, (messages, images, n), attempts_ran_out in variants:
-            paths = tools.save_episode_images(messages, images, out, f"images/{variant_id}")
+            tools.save_episode_images(messages, images, out, f"images/{variant_id}")
+            messages, paths = tools.stored_conversation(messages)
             splits[split].append({"id": variant_id, "category": anomaly.category, "anomaly_type": anomaly.anomaly_type,
                                   "n_attempts": n, "attempts_ran_out": attempts_ran_out,
-                                  "messages": messages, "images": paths, "tools": toolbox.specs()})
+                                  "messages": messages, "images": paths})
             counts[f"N={n}, attempts ran out" if attempts_ran_out else f"N={n}"] += 1
             counts[anomaly.category] += 1
     if not splits["train"]:
         raise tools.UserError("no trajectory could be built (every real anomaly failed quality evaluation)")
     for split, records in splits.items():
         tools.write_atomic(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    if args.format == "llamafactory":
+        write_sharegpt(out, splits)
     print(f"{len(splits['train'])} train + {len(splits['val'])} val trajectories in {out}")
     for key in sorted(counts):
         print(f"  {key}: {counts[key]}")

@@ -310,7 +310,8 @@ def evaluate(policy, dataset, plan, toolbox, args, temperature=0.0) -> dict:
     # a swap: the policy plays at the evaluation's temperature while `temperature` keeps the
     # training one, which is put back below
     temperature, policy.temperature = policy.temperature, temperature
-    policy.model.eval()
+    if hasattr(policy, "model"):   # a served policy has no local model
+        policy.model.eval()
     records = []
     for i in range(0, len(plan), 32):
         records += tools.run_episodes(policy, [tools.make_task(dataset, p) for p in plan[i:i + 32]],

@@ -97,9 +97,14 @@ def read_trajectories(path) -> list:
     records = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
             raise tools.UserError(f"{path}:{n} is not valid JSON") from None
+        if not isinstance(record, dict) or not {"messages", "images"} <= set(record):
+            raise tools.UserError(f"{path}:{n} is not a trajectory (no messages and images): "
+                                  "rebuild it with build_trajectories.py")
+        # images by path, relative to the file's folder (the policy's image_root)
+        records.append({**record, "messages": tools.live_conversation(record["messages"], record["images"])})
     if not records:
         raise tools.UserError(f"{path} holds no trajectories: run build_trajectories.py first")
     return records

@@ -20,13 +20,23 @@ through the shared episode runner (tools.run_episodes), and writes:
     OUT/<category>/<type>/image/<i>.png       the final anomaly image (the layout evaluate.py reads)
     OUT/<category>/<type>/mask/<i>.png        its mask
     OUT/<category>/<type>/steps/<i>/<k>.png   every image of the episode, k = the agent's numbering
-    OUT/trajectories.jsonl                    one trajectory per line, images by relative path
+    OUT/trajectories.jsonl                    one trajectory per line, in build_trajectories.py's format
     OUT/index.html                            a gallery: normal, anomaly, mask and the agent's turns
     OUT/overview.png                          one row per type: normal, then anomalies and outlines
     OUT/config.json, OUT/summary.json         the settings, and the run's rates
 
+--layout mvtec writes the samples as an MVTec-AD dataset instead, which anomaly detectors (anomalib's
+MVTec-AD and Folder datamodules, this project's --data mvtec) train on directly:
+
+    OUT/<category>/train/good/<name>.png                 the normal images the episodes edited
+    OUT/<category>/test/<type>/<i>.png                   the anomaly images
+    OUT/<category>/ground_truth/<type>/<i>_mask.png      their masks (0/255, the image's size)
+    OUT/steps/<category>/<type>/<i>/<k>.png              the episodes' images, outside the dataset
+
 Rerunning with the same settings resumes: finished samples are kept and only missing ones are made.
-The policy is the scripted expert by default, or a trained model (--policy runs/sft or runs/rl).
+The policy is the scripted expert by default, or a trained model (--policy runs/sft or runs/rl), here
+or behind an OpenAI-compatible server (--policy openai:http://localhost:8000/v1#runs/rl after
+`vllm serve runs/rl`; the API key, if any, from OPENAI_API_KEY).
 Simplifies: the offline tool backends (procedural painter, measured judge) stand in for the paper's
 Gemini models.
 """
@@ -57,13 +67,14 @@ def get_args(argv=None):
     data.add_argument("--per-type", type=int, default=5, help="samples per (category, type)")
     agent = p.add_argument_group("generator")
     agent.add_argument("--method", default="agent", help="agent (default), or a baseline: fixed-prompt, draem, cutpaste")
-    agent.add_argument("--policy", default="expert", help="expert (scripted), a trained model folder (runs/sft) or a Hugging Face id")
+    agent.add_argument("--policy", default="expert", help="expert (scripted), a trained model folder (runs/sft), a Hugging Face id, or a served model: openai:<base-url>#<model>")
     agent.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of a model policy (0: greedy)")
     agent.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where a model policy runs")
     agent.add_argument("--tools", default="PG,IG,QE,KR,MG", help="tools the agent may call (ablations)")
     agent.add_argument("--max-turns", type=int, default=10, help="turns per episode (paper: 10)")
     run = p.add_argument_group("run")
     run.add_argument("--out", default="runs/synth", help="output folder; an existing one is resumed")
+    run.add_argument("--layout", default="by-type", help="by-type (<cat>/<type>/image|mask, read by evaluate.py) or mvtec (an MVTec-AD dataset)")
     run.add_argument("--seed", type=int, default=0, help="seed of the agent and the tools")
     run.add_argument("--batch-size", type=int, default=16, help="episodes played side by side")
     tools.add_backend_flags(p)
@@ -72,7 +83,8 @@ def get_args(argv=None):
 
 # settings that change what a sample looks like: a resumed run must share them
 RUN_SETTINGS = ("data", "data_root", "size", "method", "policy", "temperature", "tools", "max_turns", "seed",
-                *tools.BACKEND_SETTINGS)
+                *tools.BACKEND_SETTINGS, "layout")
+LAYOUTS = ("by-type", "mvtec")
 
 
 def prepare_out(out, args, dataset):
@@ -97,6 +109,7 @@ def prepare_out(out, args, dataset):
         old.setdefault("method", "agent")   # runs made before --method existed were all the agent's
         for k in tools.BACKEND_SETTINGS:    # and before the backend flags, all the offline backends'
             old.setdefault(k, tools.BACKEND_DEFAULTS[k])
+        old.setdefault("layout", "by-type")  # and before --layout, all by type
         diff = [f"--{k.replace('_', '-')} {old.get(k)} -> {config[k]}" for k in RUN_SETTINGS
                 if old.get(k) != config[k]]
         if diff:
@@ -130,23 +143,36 @@ def append_records(path, records) -> None:
         raise tools.UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def save_record(record, out, toolbox) -> dict:
+def sample_paths(layout, sample_id, normal_image) -> dict:
+    """Where a sample's files go, relative to OUT: its anomaly image, mask and episode images, and
+    (mvtec) the copy of its normal image in train/good."""
+    cat, t, i = sample_id.split("/")
+    if layout == "mvtec":
+        return {"image": f"{cat}/test/{t}/{i}.png", "mask": f"{cat}/ground_truth/{t}/{i}_mask.png",
+                "steps": f"steps/{cat}/{t}/{i}", "normal": f"{cat}/train/good/{Path(normal_image).stem}.png"}
+    return {"image": f"{cat}/{t}/image/{i}.png", "mask": f"{cat}/{t}/mask/{i}.png",
+            "steps": f"{cat}/{t}/steps/{i}", "normal": None}
+
+
+def save_record(record, out, toolbox, layout) -> dict:
     """Write the episode's images and return its JSON record, images replaced by relative paths."""
-    cat, t, i = record["id"].split("/")
-    base = Path(cat) / t
+    paths = sample_paths(layout, record["id"], record["normal_image"])
     final, mask_index = record["final_image_index"], record["mask_index"]
     record["final_image"] = record["mask"] = None
+    if paths["normal"]:
+        tools.save_png(record["images"][0], out / paths["normal"])
     if final is not None:
-        record["final_image"] = str(base / "image" / f"{i}.png")
+        record["final_image"] = paths["image"]
         tools.save_png(record["images"][final - 1], out / record["final_image"])
         if mask_index is not None:
             mask = record["images"][mask_index - 1] > 0
         else:   # the mask tool was switched off: measure the change afterwards, outside the agent
             mask = toolbox.segmenter.segment(record["images"][0], record["images"][final - 1])
-        record["mask"] = str(base / "mask" / f"{i}.png")
+        record["mask"] = paths["mask"]
         tools.save_png(mask, out / record["mask"])
     record["step_images"] = tools.save_episode_images(record["messages"], record.pop("images"), out,
-                                                      base / "steps" / i)
+                                                      paths["steps"])
+    record["messages"], record["images"] = tools.stored_conversation(record["messages"])
     return record
 
 
@@ -170,7 +196,8 @@ def write_gallery(out, records) -> None:
             figures += [img(r["final_image"], f"final: image {r['final_image_index']}"),
                         img(r["mask"], "mask")]
         turns = []
-        for m in r["messages"][2:]:
+        messages = tools.live_conversation(r["messages"], r["images"]) if "images" in r else r["messages"]
+        for m in messages[2:]:   # (runs made before the stored format have the paths in the parts)
             parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
             body = "".join(f'<img class="small" src="{html.escape(p["image"])}">' if p["type"] == "image"
                            else f"<pre>{html.escape(p['text'])}</pre>" for p in parts)
@@ -315,7 +342,7 @@ def cutpaste(task, toolbox, rng):
 BASELINES = {"fixed-prompt": fixed_prompt, "draem": draem, "cutpaste": cutpaste}
 
 
-def run_baseline(method, dataset, batch, toolbox, out) -> list:
+def run_baseline(method, dataset, batch, toolbox, out, layout) -> list:
     """Make each task's sample with a baseline and return records in the agent's record format
     (no conversation), with the judge's score of the result for the summary."""
     records = []
@@ -323,7 +350,7 @@ def run_baseline(method, dataset, batch, toolbox, out) -> list:
         task = tools.make_task(dataset, planned)
         rng = np.random.default_rng([task.seed, tools.stable_seed(method)])
         cat, t, i = task.id.split("/")
-        base = Path(cat) / t
+        paths = sample_paths(layout, task.id, task.image_path)
         record = {"id": task.id, "method": method, "dataset": task.dataset, "category": cat,
                   "anomaly_type": t, "seed": task.seed, "normal_image": task.image_path,
                   "messages": [], "turns": [], "attempts": [], "qe_scores": [], "num_turns": 0,
@@ -336,10 +363,12 @@ def run_baseline(method, dataset, batch, toolbox, out) -> list:
             image = mask = None
             notes = {}
         record.update(notes)
-        record["step_images"] = [str(base / "steps" / i / "1.png")]
+        record["step_images"] = [f"{paths['steps']}/1.png"]
         tools.save_png(task.image, out / record["step_images"][0])
+        if paths["normal"]:
+            tools.save_png(task.image, out / paths["normal"])
         if image is not None:
-            record.update(final_image=str(base / "image" / f"{i}.png"), mask=str(base / "mask" / f"{i}.png"),
+            record.update(final_image=paths["image"], mask=paths["mask"],
                           final_image_index=2, mask_area=round(float(mask.mean()), 4))
             tools.save_png(image, out / record["final_image"])
             tools.save_png(mask, out / record["mask"])
@@ -377,6 +406,8 @@ def main(argv=None):
         raise tools.UserError(f"--method must be one of {', '.join(METHODS)}, not '{args.method}'")
     if args.method != "agent" and args.policy != "expert":
         raise tools.UserError(f"--policy is for --method agent; --method {args.method} runs no agent")
+    if args.layout not in LAYOUTS:
+        raise tools.UserError(f"--layout must be one of {', '.join(LAYOUTS)}, not '{args.layout}'")
     for flag in ("per_type", "max_turns", "batch_size"):
         if getattr(args, flag) < 1:
             raise tools.UserError(f"--{flag.replace('_', '-')} must be at least 1")
@@ -399,11 +430,11 @@ def main(argv=None):
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
             if args.method != "agent":
-                results = run_baseline(args.method, dataset, batch, toolbox, out)
+                results = run_baseline(args.method, dataset, batch, toolbox, out, args.layout)
                 bar.update(len(batch))
             else:
                 episodes = [tools.make_task(dataset, t) for t in batch]
-                results = [save_record(r, out, toolbox) for r in tools.run_episodes(
+                results = [save_record(r, out, toolbox, args.layout) for r in tools.run_episodes(
                     policy, episodes, toolbox, args.max_turns, on_finish=lambda e: bar.update())]
             append_records(out / "trajectories.jsonl", results)
             records += results

@@ -9,8 +9,9 @@ tools.py -- everything the stages share, in the order a reader needs it:
      session that numbers an episode's images and serves the calls
   4. The agent protocol: system prompt, tool schemas as the model sees them, turn parser, observations
   5. The episode runner: plays a policy against the tools, returns trajectory records
-  6. The policies: the vision-language model wrapper (SFT, RL and synthesis share it), the tiny
-     policy built from config, and the expert (scripted) policy that teaches and baselines
+  6. The policies: the stored trajectory format, the chat template, the vision-language model
+     wrapper (SFT, RL and synthesis share it), the tiny policy built from config, a policy served
+     by an OpenAI-compatible server, and the expert (scripted) policy that teaches and baselines
 
 The method is described in docs/METHOD.md. The offline backends behind the tools (a prompt writer,
 a procedural painter, a measured judge, a difference segmenter) live in toy_world.py, with the toy
@@ -1414,12 +1415,43 @@ def run_episodes(policy, tasks, toolbox, max_turns=10, on_finish=None) -> list:
 #
 # The vision-language model behind one wrapper (SFT, RL and synthesis share it).
 # Conversations are rendered in ChatML, as Qwen-VL's chat template does; tool observations become
-# user turns wrapped in <tool_response>, the convention of Qwen's template. Rendering by hand keeps
-# the assistant-token mask exact and needs only the tokenizer and the image processor, so the same
-# code serves the tiny model built here and any Qwen-VL checkpoint.
+# user turns wrapped in <tool_response>, the convention of Qwen's template. The rendering is one
+# Jinja chat template, CHAT_TEMPLATE, set on every policy's tokenizer and saved with it, so that
+# transformers, TRL and vLLM render a conversation exactly as training does. An image is one
+# <|image_pad|> placeholder in the template; the wrapper (like Qwen's processor) repeats it once per
+# image token. The assistant-token mask comes from the template's {% generation %} markers.
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- set parts = [{'type': 'text', 'text': message.content}] if message.content is string else message.content -%}"
+    "{%- if message.role == 'assistant' -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- generation -%}"
+    "{%- for part in parts if part.type == 'text' -%}{{- part.text -}}{%- endfor -%}"
+    "{{- '<|im_end|>' -}}"
+    "{%- endgeneration -%}"
+    "{{- '\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + ('system' if message.role == 'system' else 'user') + '\\n' -}}"
+    "{%- if message.role == 'tool' -%}{{- '<tool_response>\\n' -}}{%- endif -%}"
+    "{%- for part in parts -%}"
+    "{%- if part.type == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- else -%}{{- part.text -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if message.role == 'tool' -%}{{- '\\n</tool_response>' -}}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+
+
+# model type -> (processor class, video processor class) of the Qwen-VL families the wrapper serves
+PROCESSOR_CLASSES = {"qwen3_vl": ("Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
+                     "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor"),
+                     "qwen2_vl": ("Qwen2VLProcessor", "Qwen2VLVideoProcessor")}
 
 
 def conversation_images(messages, root=None) -> list:
@@ -1435,6 +1467,43 @@ def conversation_images(messages, root=None) -> list:
     return images
 
 
+# ---- trajectories on disk --------------------------------------------------------------------
+# Stored in one format, the one TRL's vision-language SFT reads as it is: every message's content
+# is a list of parts, an image part is a bare {"type": "image"} placeholder, and the row's "images"
+# lists the image files in placeholder order, relative to the JSONL file's folder. In memory
+# (episodes, training) system and assistant contents are plain strings and each image part carries
+# its image (an array, or a path once saved); the two functions below convert exactly.
+
+def stored_conversation(messages) -> tuple:
+    """(messages, images): the conversation in the stored format and what its image parts carried."""
+    stored, images = [], []
+    for m in messages:
+        parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+        content = []
+        for part in parts:
+            if part["type"] == "image":
+                images.append(part["image"])
+                content.append({"type": "image"})
+            else:
+                content.append({"type": "text", "text": part["text"]})
+        stored.append({**m, "content": content})
+    return stored, images
+
+
+def live_conversation(messages, images) -> list:
+    """The in-memory form of stored messages: system and assistant contents as strings, each image
+    placeholder with its entry of images, in order."""
+    images = iter(images)
+    live = []
+    for m in messages:
+        if m["role"] in ("system", "assistant"):
+            live.append({**m, "content": message_text(m)})
+        else:
+            live.append({**m, "content": [{"type": "image", "image": next(images)} if p["type"] == "image"
+                                          else p for p in m["content"]]})
+    return live
+
+
 class VLMPolicy:
     """A transformers vision-language model with its tokenizer and image processor.
 
@@ -1448,6 +1517,7 @@ class VLMPolicy:
         self.temperature, self.max_new_tokens, self.image_root = temperature, max_new_tokens, image_root
         self.merge = image_processor.merge_size ** 2
         self.ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+        tokenizer.chat_template = CHAT_TEMPLATE   # the project's format, whatever a checkpoint brought
 
     # -- loading and saving ----------------------------------------------------------------------
     @classmethod
@@ -1468,6 +1538,8 @@ class VLMPolicy:
         return cls(model.to(device).eval(), tokenizer, image_processor, **kwargs)
 
     def save(self, path):
+        """The model, the tokenizer with CHAT_TEMPLATE (chat_template.jinja), the image processor and
+        the processor's configuration, so that transformers' Auto classes and vLLM load the folder."""
         path = Path(path)
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -1476,6 +1548,17 @@ class VLMPolicy:
             self.image_processor.save_pretrained(path)
         except OSError as e:
             raise UserError(f"cannot write the model to {path}: {e.strerror or e}") from None
+        model_type = getattr(self.model.config, "model_type", None)
+        if model_type in PROCESSOR_CLASSES:
+            # written by hand: building the processor object needs its video processor, which needs
+            # torchvision; AutoProcessor builds it from this file where torchvision is installed
+            processor, video_processor = PROCESSOR_CLASSES[model_type]
+            ip = self.image_processor
+            config = {"processor_class": processor, "image_processor": ip.to_dict(), "video_processor": {
+                "video_processor_type": video_processor, "patch_size": ip.patch_size,
+                "temporal_patch_size": ip.temporal_patch_size, "merge_size": ip.merge_size,
+                "image_mean": ip.image_mean, "image_std": ip.image_std}}
+            write_atomic(path / "processor_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     # -- training setup --------------------------------------------------------------------------
     def make_trainable(self, lora="auto", lora_rank=16, train_vision=False) -> bool:
@@ -1497,34 +1580,18 @@ class VLMPolicy:
 
     # -- rendering -------------------------------------------------------------------------------
     def _render(self, messages, n_image_tokens, add_generation_prompt):
-        """Token ids and a 0/1 mask of the tokens the policy wrote (assistant turns + their end)."""
+        """Token ids and a 0/1 mask of the tokens the policy wrote (assistant turns + their end):
+        the chat template's tokens, each image's placeholder repeated n_image_tokens[k] times."""
+        rendered = self.tokenizer.apply_chat_template(
+            stored_conversation(messages)[0], tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+            add_generation_prompt=add_generation_prompt)
         ids, mask, k = [], [], 0
-
-        def text(s, trainable=0):
-            t = self.tokenizer(s, add_special_tokens=False)["input_ids"]
-            ids.extend(t)
-            mask.extend([trainable] * len(t))
-
-        def image():
-            nonlocal k
-            ids.extend([self.ids["<|vision_start|>"]] + [self.ids["<|image_pad|>"]] * n_image_tokens[k]
-                       + [self.ids["<|vision_end|>"]])
-            mask.extend([0] * (n_image_tokens[k] + 2))
-            k += 1
-
-        for m in messages:
-            if m["role"] == "assistant":
-                text("<|im_start|>assistant\n")
-                text(m["content"] + "<|im_end|>", trainable=1)
-                text("\n")
-                continue
-            role = "system" if m["role"] == "system" else "user"
-            text(f"<|im_start|>{role}\n" + ("<tool_response>\n" if m["role"] == "tool" else ""))
-            for part in m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]:
-                image() if part["type"] == "image" else text(part["text"])
-            text(("\n</tool_response>" if m["role"] == "tool" else "") + "<|im_end|>\n")
-        if add_generation_prompt:
-            text("<|im_start|>assistant\n")
+        for token, trainable in zip(rendered["input_ids"], rendered["assistant_masks"]):
+            repeat = 1
+            if token == self.ids["<|image_pad|>"]:
+                repeat, k = n_image_tokens[k], k + 1
+            ids += [token] * repeat
+            mask += [trainable] * repeat
         return ids, mask
 
     def encode(self, conversations, add_generation_prompt=False, pad_left=False):
@@ -1598,9 +1665,13 @@ def train_tokenizer(texts, vocab_size=4000, max_token_length=16):
     from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
     # merges may cross spaces (repeated phrases become few tokens, so sequences stay short), but
-    # not quotes: a JSON value such as an item name stays its own piece, easy to copy
+    # not quotes: a JSON value such as an item name stays its own piece, easy to copy; nor newlines:
+    # every seam of the chat template (after "assistant\n", around a tool's JSON) is a newline or a
+    # special token, so the rendered conversation tokenizes as one string exactly as piece by piece,
+    # and a reply starts on a token boundary, where generation starts
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split('"', behavior="merged_with_previous"),
+        pre_tokenizers.Split("\n", behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(texts, trainers.BpeTrainer(
@@ -1639,10 +1710,60 @@ def tiny_policy(texts, image_side=128, seed=0, **kwargs) -> VLMPolicy:
     return VLMPolicy(model, tokenizer, image_processor, **kwargs)
 
 
+def chat_messages(messages, root=None) -> list:
+    """A conversation as OpenAI chat messages: text contents as strings, images as base64 PNG data
+    URLs in image_url parts, in place; tool observations keep the role "tool" and their name (the
+    chat template renders them as Qwen's <tool_response> turns)."""
+    chat = []
+    for m in messages:
+        if not isinstance(m["content"], list):
+            chat.append({**m})
+            continue
+        content = []
+        for part in m["content"]:
+            if part["type"] == "image":
+                image = part["image"]
+                if isinstance(image, str):
+                    image = load_image(Path(root or ".") / image)
+                content.append({"type": "image_url", "image_url": {"url": image_data_url(image)}})
+            else:
+                content.append({"type": "text", "text": part["text"]})
+        chat.append({**m, "content": content})
+    return chat
+
+
+class ServedPolicy:
+    """The policy as a model behind an OpenAI-compatible server, e.g. `vllm serve runs/rl`
+    (--policy openai:http://localhost:8000/v1#runs/rl). The conversations of a turn are sent
+    concurrently, so the server batches them. A request that fails (after the client's retries)
+    is an empty reply: the runner records a turn without an action and the episode ends there."""
+
+    def __init__(self, spec, temperature=0.0, max_new_tokens=384, workers=8, image_root=None,
+                 api_key_env="OPENAI_API_KEY"):
+        self.server = ModelServer(spec, api_key_env=api_key_env)
+        self.temperature, self.max_new_tokens = temperature, max_new_tokens
+        self.workers, self.image_root = workers, image_root
+
+    def act(self, conversations) -> list:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            return list(pool.map(self._reply, conversations))
+
+    def _reply(self, messages) -> str:
+        try:
+            return self.server.chat(chat_messages(messages, self.image_root), temperature=self.temperature,
+                                    max_tokens=self.max_new_tokens)
+        except ToolError:
+            return ""
+
+
 def load_policy(spec, seed=0, device="cpu", **kwargs):
-    """--policy expert | a model folder (runs/sft) | a Hugging Face id."""
+    """--policy expert | openai:<base-url>#<model> (a served policy) | a model folder (runs/sft) |
+    a Hugging Face id."""
     if spec == "expert":
         return ExpertPolicy(seed=seed)
+    if spec.startswith("openai:"):
+        return ServedPolicy(spec, **kwargs)
     torch.manual_seed(seed)
     return VLMPolicy.load(spec, device=device, **kwargs)
 

@@ -4,6 +4,7 @@ reports) and sampled at the training temperature (what GRPO optimizes). Prints a
 
     python benchmarks/heldout.py runs/sft runs/rl                      # 60 prompts, greedy + 2 samples each
     python benchmarks/heldout.py runs/sft runs/rl --samples 4 --threads 1
+    python benchmarks/heldout.py openai:http://localhost:8000/v1#runs/rl   # served: vllm serve runs/rl
 
 The prompts are rl.py's validation_prompts (the training categories' test normal images) with the
 same --seed and --eval-per-type, so the greedy column matches rl.py's eval_ numbers.
@@ -23,7 +24,7 @@ import tools   # noqa: E402
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("policies", nargs="+", help="policy folders (runs/sft, runs/rl, ...)")
+    p.add_argument("policies", nargs="+", help="policy folders (runs/sft, runs/rl, ...) or served policies (openai:<base-url>#<model>)")
     p.add_argument("--samples", type=int, default=2, help="sampled episodes per prompt (0: greedy only)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (rl.py's for the tiny policy)")
     p.add_argument("--eval-per-type", type=int, default=4, help="prompts per (training category, type), as in rl.py")

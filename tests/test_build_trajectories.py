@@ -1,6 +1,8 @@
 """build_trajectories.py: reverse synthesis and the structure of the trajectories it writes."""
 import hashlib
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ from PIL import Image
 from scipy import ndimage
 
 import tools
-from conftest import run_script
+from conftest import ROOT, run_script
 
 import build_trajectories as build
 
@@ -17,10 +19,15 @@ import build_trajectories as build
 def built(toy_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("traj") / "out"
     result = run_script("build_trajectories.py", "--data-root", toy_root, "--out", out, "--limit", "40",
-                        "--kr-prob", "0.7")
+                        "--kr-prob", "0.7", "--format", "llamafactory")
     assert result.returncode == 0, result.stderr
-    records = [json.loads(line) for name in ("train", "val") for line in (out / f"{name}.jsonl").read_text().splitlines()]
-    return out, records, result.stdout
+    return out, read_live(out), result.stdout
+
+
+def read_live(out):
+    """The trajectories in their in-memory form (contents as strings, images by path)."""
+    rows = [json.loads(line) for name in ("train", "val") for line in (out / f"{name}.jsonl").read_text().splitlines()]
+    return [{**r, "messages": tools.live_conversation(r["messages"], r["images"])} for r in rows]
 
 
 def calls(record):
@@ -89,8 +96,7 @@ def test_ran_out_trajectories_leave_the_passing_ones_unchanged(built, toy_root, 
     result = run_script("build_trajectories.py", "--data-root", toy_root, "--out", tmp_path / "o", "--limit", "40",
                         "--kr-prob", "0.7", "--ran-out-prob", "0")
     assert result.returncode == 0, result.stderr
-    plain = [json.loads(line) for name in ("train", "val")
-             for line in (tmp_path / "o" / f"{name}.jsonl").read_text().splitlines()]
+    plain = read_live(tmp_path / "o")
     assert not any(r["attempts_ran_out"] for r in plain) and "attempts ran out" not in result.stdout
     assert [r["messages"] for r in plain] == [r["messages"] for r in records if not r["attempts_ran_out"]]
 
@@ -140,9 +146,49 @@ def test_bad_input(tmp_path, built):
             build.main([*flags, "--out", str(tmp_path / "o")])
 
 
+def test_the_stored_format_reads_from_anywhere_with_json_and_pillow(built, tmp_path):
+    """TRL's format: contents are lists of parts, image parts bare placeholders, "images" the files in
+    order, relative to the file's folder; read as the README shows, from another working directory."""
+    out, _, _ = built
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert "tools" not in row and all(isinstance(m["content"], list) for m in row["messages"])
+        parts = [p for m in row["messages"] for p in m["content"]]
+        assert all(p == {"type": "image"} for p in parts if p["type"] == "image")
+        assert sum(p["type"] == "image" for p in parts) == len(row["images"])
+        # in placeholder order, which is the agent's numbering of the images
+        assert row["images"] == [f"images/{row['id']}/{k}.png" for k in range(1, len(row["images"]) + 1)]
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("<!-- trajectory-loading -->")[1].split("```python\n")[1].split("```")[0]
+    assert len(example.strip().splitlines()) == 3
+    check = (f"folder = __import__('pathlib').Path({str(out)!r})\n" + example +
+             "assert len(images) == len(rows) and all(i.size == (128, 128) for row in images for i in row)\n"
+             "print(sum(map(len, images)))")
+    result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) == sum(len(r["images"]) for r in rows)
+
+
+def test_the_llamafactory_export_has_one_placeholder_per_image(built):
+    out, _, _ = built
+    info = json.loads((out / "dataset_info.json").read_text())
+    assert info["anomalyagent_train"]["formatting"] == "sharegpt"
+    assert info["anomalyagent_train"]["tags"]["observation_tag"] == "tool"
+    stored = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    shared = [json.loads(line) for line in (out / info["anomalyagent_train"]["file_name"]).read_text().splitlines()]
+    assert len(shared) == len(stored)
+    for row, mine in zip(shared, stored):
+        assert sum(m["content"].count("<image>") for m in row["messages"]) == len(row["images"]) > 0
+        assert row["images"] == mine["images"] and all((out / p).is_file() for p in row["images"])
+        roles = [m["role"] for m in row["messages"]]
+        # sharegpt: a system prompt, then user or tool turns alternating with assistant turns
+        assert roles[0] == "system" and roles[1] == "user" and roles[-1] == "assistant"
+        assert all(r == "assistant" for r in roles[2::2]) and all(r == "tool" for r in roles[3::2])
+
+
 # What the fixture's run writes, pinned: a change that alters trajectories (text or images) must be
 # a decision, made by updating this digest, never a side effect of a refactor.
-TRAJECTORY_DIGEST = "5ce5d17697a31632"
+TRAJECTORY_DIGEST = "ed6e3341e071002f"
 
 
 def test_trajectories_match_the_pinned_digest(built):

@@ -74,6 +74,83 @@ def test_save_and_load_round_trip(policy, tmp_path):
         tools.VLMPolicy.load(tmp_path)
 
 
+# ---- the chat template: what other tools render -------------------------------------------------
+
+# CONVERSATION in ChatML, written out: tool observations are user turns inside <tool_response>
+CHATML = ("<|im_start|>system\nYou are a test.<|im_end|>\n"
+          "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Item: nut. Anomaly type: scratch.<|im_end|>\n"
+          "<|im_start|>assistant\n" + CONVERSATION[2]["content"] + "<|im_end|>\n"
+          "<|im_start|>user\n<tool_response>\n{\"mask_index\": 3}<|vision_start|><|image_pad|><|vision_end|>\n"
+          "</tool_response><|im_end|>\n"
+          "<|im_start|>assistant\n" + CONVERSATION[4]["content"] + "<|im_end|>\n")
+
+
+def expand_images(ids, counts, pad, values=None):
+    """Each <|image_pad|> repeated once per image token, as Qwen's processor does (and with it the
+    entry of values, a per-token list, when given)."""
+    counts = iter(counts)
+    return [v for token, value in zip(ids, values or ids) for v in [value] * (next(counts) if token == pad else 1)]
+
+
+def test_the_saved_chat_template_gives_the_tokens_the_policy_trains_on(trajectories, tmp_path):
+    """Trajectories as stored (images, tool observations) through the saved tokenizer's
+    apply_chat_template: the very token ids and assistant mask the wrapper trains on; and
+    transformers alone generates from a templated prompt what the wrapper generates."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    rows = [json.loads(line) for line in (trajectories / "train.jsonl").read_text().splitlines()][:4]
+    live = [tools.live_conversation(r["messages"], r["images"]) for r in rows]
+    policy = tools.tiny_policy([tools.message_text(m) for c in live for m in c], image_side=64,
+                               temperature=0.0, max_new_tokens=12)
+    policy.image_root = trajectories
+    policy.save(tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "m")
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert tokenizer.apply_chat_template(CONVERSATION, tokenize=False) == CHATML
+    for row, messages in zip(rows, live):
+        images = [Image.open(trajectories / path).convert("RGB") for path in row["images"]]
+        counts = [int(g.prod()) // 4 for g in processor(images=images, return_tensors="pt")["image_grid_thw"]]
+        rendered = tokenizer.apply_chat_template(row["messages"], return_dict=True, return_assistant_tokens_mask=True)
+        batch = policy.encode([messages])
+        assert expand_images(rendered["input_ids"], counts, pad) == batch["input_ids"][0].tolist()
+        mask = expand_images(rendered["input_ids"], counts, pad, rendered["assistant_masks"])
+        assert mask == batch["assistant_mask"][0].tolist() and sum(mask) > 0
+        # the seams of the template are token boundaries: one string tokenizes as its pieces do
+        text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        pieces = re.split(r"(<\|[a-z_]+\|>)", text)
+        assert rendered["input_ids"] == [t for piece in pieces for t in tokenizer(piece, add_special_tokens=False)["input_ids"]]
+
+    # generation with transformers alone, from the templated prompt of a conversation's first turn
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "m").eval()
+    prompt = rows[0]["messages"][:2]
+    images = [Image.open(trajectories / rows[0]["images"][0]).convert("RGB")]
+    pixels = processor(images=images, return_tensors="pt")
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"]
+    ids = torch.tensor([expand_images(ids, [int(pixels["image_grid_thw"][0].prod()) // 4], pad)])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == pad).long(),
+                             pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"],
+                             max_new_tokens=12, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    reply = tokenizer.decode(new[:new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new)
+    assert reply == policy.act([live[0][:2]])[0]
+
+
+def test_the_processor_loads_with_torchvision(policy, tmp_path):
+    pytest.importorskip("torchvision")
+    from transformers import AutoProcessor
+    policy.save(tmp_path / "m")
+    processor = AutoProcessor.from_pretrained(tmp_path / "m")
+    batch = policy.encode([CONVERSATION])
+    stored = tools.stored_conversation(CONVERSATION)
+    text = processor.apply_chat_template(stored[0], tokenize=False)
+    rgb = [np.repeat(i[..., None], 3, 2) if i.ndim == 2 else i for i in stored[1]]
+    ids = processor(text=[text], images=rgb, return_tensors="pt")["input_ids"][0].tolist()
+    assert ids == batch["input_ids"][0].tolist()
+
+
 # ---- the real architectures, tiny and random ---------------------------------------------------
 
 def tiny_real_model(path, arch):

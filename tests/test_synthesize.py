@@ -1,9 +1,11 @@
 """synthesize.py end to end, as a user runs it (subprocesses), plus its acceptance measurements."""
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import ndimage
 
 import tools
@@ -38,11 +40,10 @@ def test_default_run_covers_every_eval_type_with_complete_trajectories(default_r
         calls = r["tool_calls"]
         assert calls[:3] == ["prompt_gen", "image_gen", "quality_eval"] and calls[-2:] == ["mask_gen", "answer"]
         assert r["format_valid"] and r["stop_reason"] == "answer"
-        # every message's image is a file beside the log
-        for m in r["messages"]:
-            for part in m["content"] if isinstance(m["content"], list) else []:
-                if part["type"] == "image":
-                    assert (out / part["image"]).is_file()
+        # the stored format: image placeholders, and the files (beside the log) in their order
+        placeholders = [p for m in r["messages"] for p in m["content"] if p["type"] == "image"]
+        assert placeholders == [{"type": "image"}] * len(r["images"])
+        assert all((out / path).is_file() for path in r["images"])
 
 
 def test_masks_are_nonempty_and_nothing_outside_them_changed(default_run, toy):
@@ -253,3 +254,109 @@ def test_cutpaste_pastes_a_patch_of_the_image_and_draem_a_texture(toy):
     assert 0 <= notes["beta"] <= 0.8 and mask.any() and np.array_equal(image[~mask], task.image[~mask])
     noise = synthesize.perlin_noise((64, 64), (4, 4), np.random.default_rng(0))
     assert -1.01 <= noise.min() < 0 < noise.max() <= 1.01 and abs(noise[0, 0]) < 1e-9   # zero on the lattice
+
+
+def test_mvtec_layout_is_a_dataset_the_project_reads_back(toy_root, toy, tmp_path):
+    """--layout mvtec writes train/good, test/<type>, ground_truth/<type>/<i>_mask.png (0/255), and
+    `--data mvtec` on that folder synthesizes again."""
+    out = tmp_path / "as-mvtec"
+    result = run_script("synthesize.py", "--data-root", toy_root, "--categories", "bottle", "--per-type", 2,
+                        "--layout", "mvtec", "--out", out)
+    assert result.returncode == 0, result.stderr
+    rs = records(out)
+    assert len(rs) == 2 * len(toy.types("bottle"))
+    for r in rs:
+        cat, t, i = r["id"].split("/")
+        image = tools.load_image(out / cat / "test" / t / f"{i}.png")
+        assert np.array_equal(image, tools.load_image(out / r["final_image"]))
+        mask = np.asarray(Image.open(out / cat / "ground_truth" / t / f"{i}_mask.png"))
+        assert mask.shape == image.shape[:2] and set(np.unique(mask)) == {0, 255}
+        normal = tools.load_image(out / cat / "train" / "good" / f"{Path(r['normal_image']).stem}.png")
+        assert np.array_equal(normal, toy.load(r["normal_image"]))
+    assert not (out / "bottle" / rs[0]["anomaly_type"] / "image").exists()
+    again = run_script("synthesize.py", "--data", "mvtec", "--data-root", out, "--per-type", 1,
+                       "--out", tmp_path / "again")
+    assert again.returncode == 0, again.stderr
+    assert len(records(tmp_path / "again")) == len(toy.types("bottle"))
+
+
+# ---- a served policy: --policy openai:<base-url>#<model> ----------------------------------------
+
+def from_chat_messages(chat):
+    """OpenAI chat messages back into the runner's conversation (images decoded from data URLs)."""
+    import base64
+    import io
+    messages = []
+    for m in chat:
+        if isinstance(m["content"], str):
+            messages.append(m)
+            continue
+        parts = []
+        for p in m["content"]:
+            if p["type"] == "image_url":
+                data = base64.b64decode(p["image_url"]["url"].split(",", 1)[1])
+                parts.append({"type": "image", "image": np.asarray(Image.open(io.BytesIO(data)))})
+            else:
+                parts.append(p)
+        messages.append({**m, "content": parts})
+    return messages
+
+
+@pytest.fixture
+def expert_server():
+    """A loopback OpenAI-compatible server whose replies are the expert policy's (seed 0); it fails
+    the requests whose conversation names a "fail_on" item, as a server in trouble would."""
+    import http.server
+    import threading
+    expert, seen = tools.ExpertPolicy(seed=0), []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body)
+            messages = from_chat_messages(body["messages"])
+            if "Item: nut." in tools.message_text(messages[1]) and len(messages) > 4:
+                self.send_response(400)   # not retried: the runner must cope with the failed turn
+                self.end_headers()
+                return
+            reply = json.dumps({"choices": [{"message": {"role": "assistant",
+                                                         "content": expert.next_turn(messages)}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"openai:http://127.0.0.1:{server.server_address[1]}/v1#expert", seen
+    server.shutdown()
+
+
+def test_a_served_policy_plays_the_same_episodes_as_the_local_one(expert_server, toy_root, tmp_path):
+    spec, seen = expert_server
+    common = ["--data-root", toy_root, "--categories", "washer", "--per-type", 2, "--batch-size", 4]
+    local = run_script("synthesize.py", *common, "--out", tmp_path / "local")
+    served = run_script("synthesize.py", *common, "--policy", spec, "--out", tmp_path / "served")
+    assert local.returncode == 0 and served.returncode == 0, served.stderr
+    assert records(tmp_path / "served") == records(tmp_path / "local")
+    for r in records(tmp_path / "local"):
+        for path in r["images"]:
+            assert np.array_equal(tools.load_image(tmp_path / "served" / path), tools.load_image(tmp_path / "local" / path))
+    # the images went as data URLs, in place, and every turn of every episode was one request
+    first = seen[0]["messages"][1]["content"]
+    assert first[0]["type"] == "image_url" and first[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert len(seen) == sum(r["num_turns"] for r in records(tmp_path / "served"))
+
+
+def test_a_failing_server_ends_the_episode_not_the_run(expert_server, toy_root, tmp_path):
+    spec, _ = expert_server
+    result = run_script("synthesize.py", "--data-root", toy_root, "--categories", "nut", "--types", "crack",
+                        "--per-type", 2, "--policy", spec, "--out", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    for r in records(tmp_path / "o"):
+        assert r["stop_reason"] == "no_action" and r["turns"][-1]["action"] == "none"
+        assert r["num_turns"] == 3 and r["final_image"] is None   # the third request failed
