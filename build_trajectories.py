@@ -20,7 +20,9 @@ For every real anomaly (image, mask, type) of the training categories:
      run out, and the policy refines until max_turns (DECISION; the paper's data only ends on a pass).
 
 Writes OUT/train.jsonl and OUT/val.jsonl (chat "messages" with images by path, plus "images" and
-"tools": the format TRL and LLaMA-Factory read) and the images under OUT/images/.
+"tools": the format TRL and LLaMA-Factory read), the images under OUT/images/, and OUT/manifest.json
+(dataset, root, categories, backends, seed), which sft.py checks against the data it is told to
+train on. OUT defaults to runs/trajectories/<data>. Each real anomaly it skips is printed with why.
 Simplifies: the paper removes defects with an image editor; exemplar fill is our stand-in.
 """
 import argparse
@@ -49,7 +51,7 @@ def get_args(argv=None):
                    help="chance of an extra trajectory whose --n-max attempts all fail (0: passing ends only)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of anomalies held out for validation")
     p.add_argument("--limit", type=int, default=None, help="use at most this many anomalies (quick runs)")
-    p.add_argument("--out", default="runs/trajectories", help="output folder")
+    p.add_argument("--out", default=None, help="output folder (default: runs/trajectories/<data>)")
     p.add_argument("--seed", type=int, default=0, help="seed of attempts, N and KR")
     return p.parse_args(argv)
 
@@ -219,6 +221,18 @@ def build_one(toolbox, task, anomaly_image, mask, n_attempts, use_kr, rng, ran_o
     return messages, session.images, len(attempts)
 
 
+def write_manifest(out, dataset, categories, toolbox, seed):
+    """OUT/manifest.json: what the trajectories were built from, so sft.py can refuse another dataset's."""
+    manifest = {"dataset": dataset.name, "root": str(dataset.root.resolve()), "categories": categories,
+                "size": dataset.image_size, "seed": seed,
+                "backends": {tool: type(backend).__name__ for tool, backend in (
+                    ("prompt_gen", toolbox.prompt_writer), ("image_gen", toolbox.editor),
+                    ("quality_eval", toolbox.judge), ("mask_gen", toolbox.segmenter))}}
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(out / "manifest.json")
+
+
 def main(argv=None):
     args = get_args(argv)
     if not 1 <= args.n_max <= 5:
@@ -226,7 +240,7 @@ def main(argv=None):
     for flag, value in (("--kr-prob", args.kr_prob), ("--ran-out-prob", args.ran_out_prob)):
         if not 0 <= value <= 1:
             raise tools.UserError(f"{flag} must be between 0 and 1, got {value}")
-    out = Path(args.out)
+    out = Path(args.out or f"runs/trajectories/{args.data}")
     if (out / "train.jsonl").exists():
         raise tools.UserError(f"{out} already holds trajectories; pass another --out or delete it")
     dataset = tools.load_dataset(args.data, args.data_root, args.size)
@@ -238,11 +252,16 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     anomalies = [anomalies[i] for i in rng.permutation(len(anomalies))][:args.limit]
     toolbox = tools.Toolbox()
+    notice = tools.offline_notice(dataset.name, toolbox)
+    if notice:
+        print(notice)
     splits, counts = {"train": [], "val": []}, Counter()
     for anomaly in tqdm(anomalies, desc="trajectories"):
         record_id = f"{anomaly.category}/{anomaly.anomaly_type}/{anomaly.image.stem}"
-        anomaly_image, mask = dataset.load(anomaly.image), dataset.load_mask(anomaly.mask)
+        anomaly_image, mask = dataset.load_anomaly(anomaly)
         if not mask.any():
+            counts["skipped: empty mask"] += 1
+            tqdm.write(f"skipped {record_id}: its mask {anomaly.mask} is empty")
             continue
         task = tools.Task(id=record_id, category=anomaly.category, anomaly_type=anomaly.anomaly_type,
                           image=remove_defect(anomaly_image, mask), kind=dataset.kinds[anomaly.category],
@@ -252,6 +271,9 @@ def main(argv=None):
                           bool(passing_rng.random() < args.kr_prob), passing_rng)
         if built is None:
             counts["skipped: real anomaly failed QE"] += 1
+            judged = toolbox.judge.evaluate(task.image, anomaly_image, task.kind, toolbox.entry(task))
+            tqdm.write(f"skipped {record_id}: quality_eval scores the real anomaly against its clean "
+                       f"counterpart {judged['score']:g}/10 (< {tools.PASS_SCORE:g}): {judged['review']}")
             continue
         variants = [(record_id, built, False)]
         # its own generator, so --ran-out-prob leaves the passing trajectories as they were
@@ -272,6 +294,7 @@ def main(argv=None):
             counts[anomaly.category] += 1
     if not splits["train"]:
         raise tools.UserError("no trajectory could be built (every real anomaly failed quality evaluation)")
+    write_manifest(out, dataset, categories, toolbox, args.seed)
     for split, records in splits.items():
         tmp = out / f"{split}.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -49,7 +49,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--data", default="toy", help="toy (built in, generated on first use), mvtec or visa")
+    data.add_argument("--data", default="toy", help="toy (built in, generated on first use), mvtec, visa, "
+                      "or images (one folder of your own normal photos; --categories names the item)")
     data.add_argument("--data-root", default=None, help="the dataset's folder (for toy: where to cache it)")
     data.add_argument("--size", type=int, default=None, help="image side in pixels (toy 128, real 256)")
     data.add_argument("--categories", default=None, help="comma list; default: the evaluation group")
@@ -367,7 +368,11 @@ def main(argv=None):
     for flag in ("per_type", "max_turns", "batch_size"):
         if getattr(args, flag) < 1:
             raise tools.UserError(f"--{flag.replace('_', '-')} must be at least 1")
-    dataset = tools.load_dataset(args.data, args.data_root, args.size)
+    dataset = tools.load_dataset(args.data, args.data_root, args.size, categories=args.categories)
+    toolbox = tools.Toolbox(enabled=args.tools.split(","))
+    notice = tools.offline_notice(dataset.name, toolbox)
+    if notice:
+        print(notice)
     out = Path(args.out)
     tasks = tools.plan_tasks(dataset, args.categories, args.types, args.per_type, args.seed)
     done = prepare_out(out, args, dataset)
@@ -375,7 +380,6 @@ def main(argv=None):
     print(f"{len(tasks)} samples on {dataset.name} ({len(tasks) - len(todo)} already in {out}, "
           f"{len(todo)} to make)")
 
-    toolbox = tools.Toolbox(enabled=args.tools.split(","))
     if args.method == "agent":
         policy = tools.load_policy(args.policy, seed=args.seed, device=args.device, temperature=args.temperature)
     records = list(done.values())   # the summary and gallery show everything in OUT

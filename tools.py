@@ -55,11 +55,22 @@ def stable_seed(*parts) -> int:
 # 1. Data
 # ==============================================================================================
 
+def _as_8bit(im):
+    """16-bit (and 32-bit integer) grey images scaled to 0-255; PIL's convert would clip them at 255,
+    turning a 16-bit photo white."""
+    if im.mode.startswith("I"):
+        values = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or values.max() > 255 else 255.0
+        return Image.fromarray(np.round(np.clip(values, 0, top) * 255.0 / top).astype(np.uint8), "L")
+    return im
+
+
 def load_image(path, size=None) -> np.ndarray:
-    """An RGB image as HxWx3 uint8, resized to size x size when size is given."""
+    """An RGB image as HxWx3 uint8 (grey, RGBA and 16-bit files too), resized to size x size when
+    size is given."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = _as_8bit(im).convert("RGB")
             if size and im.size != (size, size):
                 im = im.resize((size, size), Image.BICUBIC)
             return np.asarray(im).copy()
@@ -73,12 +84,21 @@ def load_mask(path, size=None) -> np.ndarray:
     """A defect mask as HxW bool (any non-zero pixel is defect, as in MVTec-AD and VisA)."""
     try:
         with Image.open(path) as im:
-            im = im.convert("L")
+            im = _as_8bit(im).convert("L")
             if size and im.size != (size, size):
                 im = im.resize((size, size), Image.NEAREST)
             return np.asarray(im) > 0
     except OSError as e:
         raise UserError(f"cannot read mask {path}: {e}") from None
+
+
+def image_size_of(path) -> tuple:
+    """(width, height) from the file's header, without decoding the pixels."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except OSError as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
 
 
 def save_png(array, path) -> None:
@@ -115,6 +135,7 @@ class Dataset:
     anomalies: dict        # category -> [Anomaly]
     train_categories: list
     eval_categories: list
+    knowledge_types: dict = None   # category -> the types knowledge.json describes for it
 
     @property
     def categories(self):
@@ -122,6 +143,12 @@ class Dataset:
 
     def types(self, category):
         return sorted({a.anomaly_type for a in self.anomalies[self.check_category(category)]})
+
+    def synthesis_types(self, category):
+        """The types that can be synthesized on the category: those with real examples on disk and
+        those the knowledge base describes (a category with normal images only has just the latter)."""
+        known = (self.knowledge_types or {}).get(self.check_category(category), [])
+        return sorted(set(self.types(category)) | set(known))
 
     def anomalies_of(self, category, anomaly_type):
         found = [a for a in self.anomalies[category] if a.anomaly_type == anomaly_type]
@@ -146,9 +173,19 @@ class Dataset:
     def load_mask(self, path):
         return load_mask(path, self.image_size)
 
+    def load_anomaly(self, anomaly):
+        """A real anomaly's image and mask; a mask of another size than its image is an error."""
+        image_size, mask_size = image_size_of(anomaly.image), image_size_of(anomaly.mask)
+        if image_size != mask_size:
+            raise UserError(f"the mask {anomaly.mask} is {mask_size[0]}x{mask_size[1]} but its image "
+                            f"{anomaly.image} is {image_size[0]}x{image_size[1]}")
+        return self.load(anomaly.image), self.load_mask(anomaly.mask)
 
-def load_dataset(name, root=None, size=None, seed=0) -> Dataset:
-    """--data toy|mvtec|visa: the toy world is generated on first use and cached under data/toy."""
+
+def load_dataset(name, root=None, size=None, seed=0, categories=None) -> Dataset:
+    """--data toy|mvtec|visa|images: the toy world is generated on first use and cached under data/toy;
+    images is a plain folder of one category's normal photos, named by categories (one name; default:
+    the folder's name)."""
     if size is not None and size < 32:
         raise UserError(f"--size must be at least 32 pixels, not {size}")
     if root is not None and Path(root).exists() and not Path(root).is_dir():
@@ -156,15 +193,48 @@ def load_dataset(name, root=None, size=None, seed=0) -> Dataset:
     if name == "toy":
         size = size or 128
         root = Path(root) if root else HERE / "data" / "toy" / f"{size}px-seed{seed}"
-        return _toy_dataset(root, size, seed)
-    if name not in ("mvtec", "visa"):
-        raise UserError(f"--data must be toy, mvtec or visa, not '{name}'")
-    if root is None:
-        raise UserError(f"--data {name} needs --data-root PATH (the unpacked dataset)")
-    root = Path(root)
-    if not root.is_dir():
+        dataset = _toy_dataset(root, size, seed)
+    elif name not in ("mvtec", "visa", "images"):
+        raise UserError(f"--data must be toy, mvtec, visa or images, not '{name}'")
+    elif root is None:
+        raise UserError(f"--data {name} needs --data-root PATH "
+                        + ("(a folder of normal photos)" if name == "images" else "(the unpacked dataset)"))
+    elif not Path(root).is_dir():
         raise UserError(f"--data-root {root} does not exist or is not a folder")
-    return (_mvtec_dataset if name == "mvtec" else _visa_dataset)(root, size or 256)
+    elif name == "images":
+        dataset = _images_dataset(Path(root), size or 256, categories)
+    else:
+        dataset = (_mvtec_dataset if name == "mvtec" else _visa_dataset)(Path(root), size or 256)
+    dataset.knowledge_types = _knowledge_types(name, dataset.categories)
+    return dataset
+
+
+def _knowledge_types(dataset_name, categories) -> dict:
+    """category -> the types knowledge.json describes for it (the dataset's own entry first)."""
+    kb, found = KnowledgeBase(), {}
+    for cat in categories:
+        try:
+            found[cat] = sorted(kb._find_category(cat, dataset_name)[2]["types"])
+        except KnowledgeError:
+            found[cat] = []
+    return found
+
+
+def _images_dataset(root, size, categories) -> Dataset:
+    """A user's own normal photos, all in one folder: one category, no anomalies (so no references)."""
+    photos = _images_in(root)
+    if not photos:
+        raise UserError(f"no images (.png, .jpg, .bmp) in {root}: --data images reads one folder of "
+                        "normal photos")
+    names = comma_list(categories, "--categories") if categories else [normalize_key(root.name)]
+    if len(names) > 1:
+        raise UserError("--data images reads one category: give --categories one name, e.g. screw")
+    cat = names[0]
+    try:
+        kind = KnowledgeBase()._find_category(cat, None)[2]["kind"]
+    except KnowledgeError:
+        kind = "object"   # on a plain texture the foreground is found to be the whole image anyway
+    return Dataset("images", root, size, {cat: kind}, {cat: photos}, {cat: []}, {cat: []}, [cat], [cat])
 
 
 def _images_in(folder):
@@ -174,7 +244,8 @@ def _images_in(folder):
 
 def _read_mvtec_layout(name, root, size, kinds, train_categories, eval_categories=None) -> Dataset:
     """<category>/train/good, <category>/test/<type>, <category>/ground_truth/<type>/<stem>_mask.png"""
-    categories = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+    # a category with test anomalies but no normal images is still read: its anomalies are references
+    categories = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir() or (p / "test").is_dir())
     if not categories:
         raise UserError(f"no categories under {root}: expected {root}/<category>/train/good/*.png "
                         "(the MVTec-AD layout)")
@@ -332,21 +403,33 @@ class Task:
 def plan_tasks(dataset, categories=None, types=None, per_type=5, seed=0) -> list:
     """Which normal image gets which anomaly type: per (category, type), per_type tasks on the
     category's normal training images (a seeded order). categories and types are comma lists or
-    None (the evaluation group, all types)."""
+    None (the evaluation group; every type on disk or in the knowledge base). A category without
+    normal images is skipped with a notice; a type the knowledge base does not know is accepted with
+    one (the tools then guess its family from its name)."""
     categories = dataset.eval_categories if categories is None else comma_list(categories, "--categories")
     types = None if types is None else comma_list(types, "--types")
-    for t in types or []:
-        if not any(t in dataset.types(dataset.check_category(c)) for c in categories):
-            raise UserError(f"--types: no category of {', '.join(categories)} has the type '{t}'")
-    plan = []
     for cat in categories:
-        chosen = [t for t in dataset.types(dataset.check_category(cat)) if types is None or t in types]
+        dataset.check_category(cat)
+    usable = [c for c in categories if dataset.train_good[c]]
+    for cat in categories:
+        if cat not in usable:
+            print(f"note: {cat} has no normal images (expected in {dataset.root / cat / 'train' / 'good'}); skipped")
+    if not usable:
+        raise UserError(f"no normal images to synthesize on in {', '.join(categories)} of {dataset.root}")
+    known = {t for c in usable for t in dataset.synthesis_types(c)}
+    for t in types or []:
+        if t not in known:
+            print(f"note: knowledge retrieval has nothing for '{t}' on {', '.join(usable)}; the tools "
+                  "guess its family from its name")
+    plan = []
+    for cat in usable:
+        chosen = [t for t in dataset.synthesis_types(cat) if types is None or t in types] \
+            + [t for t in types or [] if t not in known]
         if not chosen:
             raise UserError(f"none of --types {','.join(types)} exists for {cat}; known: "
-                            f"{', '.join(dataset.types(cat))}")
+                            f"{', '.join(dataset.synthesis_types(cat))}" if types else
+                            f"{cat} has no anomaly types on disk or in knowledge.json; name some with --types")
         normals = dataset.train_good[cat]
-        if not normals:
-            raise UserError(f"no normal training images for {cat} under {dataset.root}")
         order = np.random.default_rng(stable_seed(seed, cat)).permutation(len(normals))
         for t in chosen:
             for i in range(per_type):
@@ -708,6 +791,21 @@ class ToolSession:
         if not mask.any():
             result["message"] = f"no change was found between image 1 and image {k}"
         return result, [self.images[-1]]
+
+
+def offline_notice(dataset_name, toolbox) -> str | None:
+    """One line for the start of a run on real photos whose image editor or judge is an offline
+    stand-in; None on the toy world (built for them) or when both are models."""
+    offline = [name for name, backend, cls in (("image editor (a procedural painter)", toolbox.editor, ProceduralPainter),
+                                               ("judge (image measurements)", toolbox.judge, MeasuredJudge))
+               if isinstance(backend, cls)]
+    if dataset_name == "toy" or not offline:
+        return None
+    return (f"note: the {' and the '.join(offline)} are offline stand-ins, not image or vision-language "
+            f"models: on real photos they paint and measure simple shapes. Real models: {REAL_MODEL_FLAGS}.")
+
+
+REAL_MODEL_FLAGS = "--policy for the agent, and the tool-backend flags that --help lists"
 
 
 # ==============================================================================================

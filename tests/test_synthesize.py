@@ -129,7 +129,7 @@ def test_seeds_and_tool_ablations(toy_root, tmp_path):
     (["--data", "mvtec", "--data-root", "/nonexistent/mvtec"], "does not exist"),
     (["--categories", "spaceship"], "unknown category 'spaceship'"),
     (["--tools", "PG,XX"], "unknown tool 'XX'"),
-    (["--categories", "wood", "--types", "scratch,melted"], "no category of wood has the type 'melted'"),
+    (["--data", "cifar"], "--data must be toy, mvtec, visa or images"),
     (["--categories", ""], "--categories is empty"),
     (["--per-type", "0"], "--per-type must be at least 1"),
     (["--size", "16"], "--size must be at least 32"),
@@ -240,3 +240,28 @@ def test_cutpaste_pastes_a_patch_of_the_image_and_draem_a_texture(toy):
     assert 0 <= notes["beta"] <= 0.8 and mask.any() and np.array_equal(image[~mask], task.image[~mask])
     noise = synthesize.perlin_noise((64, 64), (4, 4), np.random.default_rng(0))
     assert -1.01 <= noise.min() < 0 < noise.max() <= 1.01 and abs(noise[0, 0]) < 1e-9   # zero on the lattice
+
+
+def photo(path, seed, side=64):
+    """A stand-in for a user's photo: a lit grey disc on a dark background, with sensor noise."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:side, :side]
+    disc = np.hypot(yy - side / 2 - rng.uniform(-3, 3), xx - side / 2) < side / 3
+    image = np.where(disc[..., None], 170 - 0.6 * yy[..., None], 30) + rng.normal(0, 2, (side, side, 3))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path)
+
+
+def test_own_photos_in_a_plain_folder_any_known_or_named_type(tmp_path):
+    for i in range(2):
+        photo(tmp_path / "photos" / f"IMG_{i}.png", i)
+    result = run_script("synthesize.py", "--data", "images", "--data-root", tmp_path / "photos",
+                        "--categories", "screw", "--types", "scratch_head,melted_goo", "--per-type", "1",
+                        "--size", "64", "--out", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    assert "knowledge retrieval has nothing for 'melted_goo'" in result.stdout
+    assert "stand-ins" in result.stdout.splitlines()[0]   # the offline backends say what they are
+    rs = records(tmp_path / "o")
+    assert sorted(r["anomaly_type"] for r in rs) == ["melted_goo", "scratch_head"]
+    assert all((tmp_path / "o" / r["final_image"]).is_file() for r in rs)
