@@ -50,42 +50,12 @@ def get_args(argv=None):
     p.add_argument("--ran-out-prob", type=float, default=0.25,
                    help="chance of an extra trajectory whose --n-max attempts all fail (0: passing ends only)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of anomalies held out for validation")
+    p.add_argument("--references", default="on", choices=["on", "off"],
+                   help="on: the judge expects what the dataset's few-shot references show (off: knowledge.json)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many anomalies (quick runs)")
     p.add_argument("--out", default=None, help="output folder (default: runs/trajectories/<data>)")
     p.add_argument("--seed", type=int, default=0, help="seed of attempts, N and KR")
     return p.parse_args(argv)
-
-
-# ---- reverse synthesis -------------------------------------------------------------------------
-
-def remove_defect(image, mask):
-    """Exemplar fill: cover the (slightly grown) defect with the shifted copy of the image whose
-    surroundings match the defect's surroundings best. Pixels away from the defect are untouched."""
-    h, w = mask.shape
-    hole = ndimage.binary_dilation(mask, iterations=2)
-    ring = ndimage.binary_dilation(hole, iterations=3) & ~hole
-    hy, hx = np.nonzero(hole)
-    ry, rx = np.nonzero(ring)
-    img = image.astype(np.float32)
-    best, best_cost = None, np.inf
-    reach = max(h, w) // 2
-    step = max(1, reach // 24)
-    for dy in range(-reach, reach + 1, step):
-        for dx in range(-reach, reach + 1, step):
-            if abs(dy) + abs(dx) == 0:
-                continue
-            sy, sx = hy + dy, hx + dx
-            if sy.min() < 0 or sx.min() < 0 or sy.max() >= h or sx.max() >= w or hole[sy, sx].any():
-                continue
-            ty, tx = np.clip(ry + dy, 0, h - 1), np.clip(rx + dx, 0, w - 1)
-            cost = np.abs(img[ty, tx] - img[ry, rx]).mean()
-            if cost < best_cost:
-                best, best_cost = (dy, dx), cost
-    if best is None:
-        raise tools.UserError("a defect covers too much of the image to be removed")
-    clean = image.copy()
-    clean[hy, hx] = image[hy + best[0], hx + best[1]]
-    return clean
 
 
 # ---- describing an attempt in the painter's words ---------------------------------------------
@@ -203,7 +173,8 @@ def build_one(toolbox, task, anomaly_image, mask, n_attempts, use_kr, rng, ran_o
                       "quality_eval", {"anomaly_image": k, "item_name": item, "anomaly_type": defect})
         score = result["score"]
         review = result["review"].split(". ", 1)[-1]   # quoted in the thinking: the review less its verdict
-        if m + 1 < len(attempts) and use_kr and knowledge is None:
+        # knowledge retrieval only for a type the base describes (an unknown one gets an error)
+        if m + 1 < len(attempts) and use_kr and knowledge is None and "description" in entry:
             knowledge = turn(f"Score {score:g}/10 is below {tools.PASS_SCORE:g}. Before rewriting the prompt "
                              f"I look up how a {defect} on a {item} looks.", "knowledge_retrieval",
                              {"item_name": item, "anomaly_type": defect})
@@ -224,7 +195,7 @@ def build_one(toolbox, task, anomaly_image, mask, n_attempts, use_kr, rng, ran_o
 def write_manifest(out, dataset, categories, toolbox, seed):
     """OUT/manifest.json: what the trajectories were built from, so sft.py can refuse another dataset's."""
     manifest = {"dataset": dataset.name, "root": str(dataset.root.resolve()), "categories": categories,
-                "size": dataset.image_size, "seed": seed,
+                "size": dataset.image_size, "seed": seed, "references": bool(toolbox.references),
                 "backends": {tool: type(backend).__name__ for tool, backend in (
                     ("prompt_gen", toolbox.prompt_writer), ("image_gen", toolbox.editor),
                     ("quality_eval", toolbox.judge), ("mask_gen", toolbox.segmenter))}}
@@ -251,7 +222,7 @@ def main(argv=None):
                               f"{dataset.root}: trajectories are built from real anomalies")
     rng = np.random.default_rng(args.seed)
     anomalies = [anomalies[i] for i in rng.permutation(len(anomalies))][:args.limit]
-    toolbox = tools.Toolbox()
+    toolbox = tools.Toolbox(references=tools.reference_stats(dataset, categories) if args.references == "on" else None)
     notice = tools.offline_notice(dataset.name, toolbox)
     if notice:
         print(notice)
@@ -264,7 +235,7 @@ def main(argv=None):
             tqdm.write(f"skipped {record_id}: its mask {anomaly.mask} is empty")
             continue
         task = tools.Task(id=record_id, category=anomaly.category, anomaly_type=anomaly.anomaly_type,
-                          image=remove_defect(anomaly_image, mask), kind=dataset.kinds[anomaly.category],
+                          image=tools.exemplar_fill(anomaly_image, mask), kind=dataset.kinds[anomaly.category],
                           dataset=dataset.name, seed=tools.stable_seed(args.seed, record_id))
         passing_rng = np.random.default_rng(task.seed)
         built = build_one(toolbox, task, anomaly_image, mask, int(passing_rng.integers(1, args.n_max + 1)),

@@ -63,6 +63,9 @@ def get_args(argv=None):
     agent.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where a model policy runs")
     agent.add_argument("--tools", default="PG,IG,QE,KR,MG", help="tools the agent may call (ablations)")
     agent.add_argument("--max-turns", type=int, default=10, help="turns per episode (paper: 10)")
+    agent.add_argument("--references", default="on", choices=["on", "off"],
+                       help="on: the judge expects what the dataset's few-shot references (the first third "
+                            "of a type's anomalies) show, where it has them; off: what knowledge.json says")
     run = p.add_argument_group("run")
     run.add_argument("--out", default="runs/synth", help="output folder; an existing one is resumed")
     run.add_argument("--seed", type=int, default=0, help="seed of the agent and the tools")
@@ -71,7 +74,8 @@ def get_args(argv=None):
 
 
 # settings that change what a sample looks like: a resumed run must share them
-RUN_SETTINGS = ("data", "data_root", "size", "method", "policy", "temperature", "tools", "max_turns", "seed")
+RUN_SETTINGS = ("data", "data_root", "size", "method", "policy", "temperature", "tools", "max_turns", "references",
+                "seed")
 
 
 def prepare_out(out, args, dataset) -> dict:
@@ -92,6 +96,7 @@ def prepare_out(out, args, dataset) -> dict:
         except ValueError:
             raise tools.UserError(f"{config_path} is corrupt; pass another --out") from None
         old.setdefault("method", "agent")   # runs made before --method existed were all the agent's
+        old.setdefault("references", "off")   # and before --references, the judge had none
         diff = [f"--{k.replace('_', '-')} {old.get(k)} -> {config[k]}" for k in RUN_SETTINGS
                 if old.get(k) != config[k]]
         if diff:
@@ -375,6 +380,8 @@ def main(argv=None):
         print(notice)
     out = Path(args.out)
     tasks = tools.plan_tasks(dataset, args.categories, args.types, args.per_type, args.seed)
+    if args.references == "on":
+        toolbox.references = tools.reference_stats(dataset, sorted({t["category"] for t in tasks}))
     done = prepare_out(out, args, dataset)
     todo = [t for t in tasks if t["id"] not in done]
     print(f"{len(tasks)} samples on {dataset.name} ({len(tasks) - len(todo)} already in {out}, "

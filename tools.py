@@ -32,11 +32,12 @@ from typing import Protocol
 import numpy as np
 import torch
 from PIL import Image
+from scipy import ndimage
 
 from toy_world import (  # the offline world: the toy dataset's renderer and the offline backends
     COLOURS, FAMILY_DEFAULTS, HUES, SHAPE_PHRASES, TOY_CATEGORIES, DifferenceSegmenter, MeasuredJudge,
-    OfflinePromptWriter, ProceduralPainter, ToolError, background_colour, change_map, elongation,
-    extent_px, foreground_mask, guess_attributes, local_edit_prompt, luminance, region_mask,
+    OfflinePromptWriter, ProceduralPainter, ToolError, background_colour, change_map, contour_steepness,
+    elongation, extent_px, foreground_mask, guess_attributes, local_edit_prompt, luminance, region_mask,
     render_anomaly, render_normal)
 
 HERE = Path(__file__).resolve().parent
@@ -452,6 +453,129 @@ def make_task(dataset, planned) -> "Task":
                 dataset=dataset.name, seed=planned["seed"], image_path=str(planned["path"]))
 
 
+# ---- reverse synthesis and the few-shot references ----------------------------------------------
+# A real anomaly's clean counterpart (the defect removed) is what reverse synthesis starts from
+# (build_trajectories.py), and what the references are measured against: the judge compares a
+# candidate with its normal image, so a reference must be measured the same way.
+
+def exemplar_fill(image, mask) -> np.ndarray:
+    """Exemplar fill: cover the (slightly grown) defect with the shifted copy of the image whose
+    surroundings match the defect's surroundings best. Pixels away from the defect are untouched."""
+    h, w = mask.shape
+    hole = ndimage.binary_dilation(mask, iterations=2)
+    ring = ndimage.binary_dilation(hole, iterations=3) & ~hole
+    hy, hx = np.nonzero(hole)
+    ry, rx = np.nonzero(ring)
+    img = image.astype(np.float32)
+    best, best_cost = None, np.inf
+    reach = max(h, w) // 2
+    step = max(1, reach // 24)
+    for dy in range(-reach, reach + 1, step):
+        for dx in range(-reach, reach + 1, step):
+            if abs(dy) + abs(dx) == 0:
+                continue
+            sy, sx = hy + dy, hx + dx
+            if sy.min() < 0 or sx.min() < 0 or sy.max() >= h or sx.max() >= w or hole[sy, sx].any():
+                continue
+            ty, tx = np.clip(ry + dy, 0, h - 1), np.clip(rx + dx, 0, w - 1)
+            cost = np.abs(img[ty, tx] - img[ry, rx]).mean()
+            if cost < best_cost:
+                best, best_cost = (dy, dx), cost
+    if best is None:
+        raise UserError("a defect covers too much of the image to be removed")
+    clean = image.copy()
+    clean[hy, hx] = image[hy + best[0], hx + best[1]]
+    return clean
+
+
+REFERENCE_TONE_GREY = 4.0   # a luminance change inside the defect smaller than this has no tone
+REFERENCE_WHERE = 0.75      # share of references that must touch the outline (or all but this share
+                            # must stay off it) for the place to count as "edge" (or "interior")
+REFERENCE_HUE = 0.6         # the references agree on a hue when their mean chroma keeps 60% of its length
+CALIBRATION_CACHE = Path("runs") / "calibration"
+CALIBRATION_VERSION = 4     # bump when the measurements change, so old caches are not reused
+
+
+def measure_reference(clean, image, mask, kind) -> dict:
+    """What a real defect shows against its clean counterpart, in the judge's own measurements:
+    size (longest side of the mask / image side), elongation, the share on the object and whether it
+    touches the object's outline (of the mask grown by the 2 pixels the fill and the judge's blur
+    add), the mean luminance change (tone), the mean absolute change (contrast) and the edges'
+    steepness inside the mask."""
+    fg = foreground_mask(clean, kind)
+    solid = ndimage.binary_fill_holes(fg)
+    outline = ndimage.binary_dilation(solid & ~ndimage.binary_erosion(solid),
+                                      iterations=max(1, round(2 * mask.shape[0] / 128)))
+    grown = ndimage.binary_dilation(mask, iterations=2)
+    depth = ndimage.distance_transform_edt(fg)
+    change = change_map(clean, image)
+    return {"extent": extent_px(mask) / mask.shape[0], "elongation": elongation(mask),
+            "touches_outline": bool((grown & outline).any()), "on_object": float(fg[grown].mean()),
+            "deep": float(np.mean(depth[grown] >= 2 * mask.shape[0] / 128)),
+            "tone": float(luminance(image)[mask].mean() - luminance(clean)[mask].mean()),
+            "contrast": float(change[mask].mean()), "steepness": contour_steepness(change, mask),
+            "chroma": (image[mask] - image[mask].mean(axis=1, keepdims=True)).mean(0).tolist()}
+
+
+def summarize_references(measured, kind) -> dict:
+    """The expectations the judge takes from a (category, type)'s references: ranges of size and
+    elongation, the place relative to the object, a tone when every reference agrees on one, and the
+    contrast of the faintest and of the median reference."""
+    touching = np.mean([m["touches_outline"] for m in measured])
+    # interior as the judge measures it: nearly all of the defect a few pixels inside the object
+    deep = min(m["deep"] for m in measured)
+    where = ("anywhere" if kind == "texture" else "edge" if touching >= REFERENCE_WHERE
+             else "interior" if touching <= 1 - REFERENCE_WHERE and deep >= 0.95 else "anywhere")
+    tones = [m["tone"] for m in measured]
+    tone = ("darker" if max(tones) < -REFERENCE_TONE_GREY else
+            "brighter" if min(tones) > REFERENCE_TONE_GREY else None)
+    contrasts = [m["contrast"] for m in measured]
+    # a hue when the references agree on one: their mean colour (less its grey) keeps most of its length
+    chromas = np.array([m["chroma"] for m in measured], np.float32)
+    mean_chroma = chromas.mean(0)
+    agree = np.linalg.norm(mean_chroma) >= max(REFERENCE_HUE * np.linalg.norm(chromas, axis=1).mean(), 10.0)
+    return {"n": len(measured), "where": where, "tone": tone,
+            "extent": [min(m["extent"] for m in measured), max(m["extent"] for m in measured)],
+            "elongation": [min(m["elongation"] for m in measured), max(m["elongation"] for m in measured)],
+            "tone_grey": float(min(abs(t) for t in tones)),
+            "on_object": float(min(m["on_object"] for m in measured)),
+            "steepness": max([m["steepness"] for m in measured if m["steepness"] is not None], default=0.0),
+            "contrast": [float(min(contrasts)), float(np.median(contrasts))],
+            "chroma": mean_chroma.tolist() if agree else None}
+
+
+def reference_stats(dataset, categories, cache=CALIBRATION_CACHE) -> dict:
+    """"category/type" -> summarize_references of the type's few-shot references (the first third of
+    its sorted anomalies, docs/METHOD.md 7; never the test two thirds), for the given categories.
+    Computed once per dataset and cached in cache/<dataset>-<hash>.json (the hash covers the root,
+    the image size and the measurements' version); a type without references has no entry, and the
+    judge falls back to knowledge.json."""
+    key = f"{CALIBRATION_VERSION}|{dataset.name}|{dataset.root.resolve()}|{dataset.image_size}"
+    path = Path(cache) / f"{dataset.name}-{stable_seed(key):08x}.json"
+    try:
+        stats = json.loads(path.read_text())
+    except (OSError, ValueError):   # none yet, or cut short: measured again
+        stats = {}
+    missing = [(c, t) for c in categories for t in dataset.types(c) if f"{c}/{t}" not in stats]
+    for cat, t in missing:
+        measured = []
+        for anomaly in dataset.split(cat, t)[0]:
+            image, mask = dataset.load_anomaly(anomaly)
+            if mask.any():
+                measured.append(measure_reference(exemplar_fill(image, mask), image, mask, dataset.kinds[cat]))
+        if measured:
+            stats[f"{cat}/{t}"] = summarize_references(measured, dataset.kinds[cat])
+    if missing:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(stats, indent=1, sort_keys=True))
+            tmp.replace(path)
+        except OSError:
+            pass   # an unwritable cache only costs the measuring next time
+    return {k: v for k, v in stats.items() if k.split("/")[0] in categories}
+
+
 # ==============================================================================================
 # 2. Knowledge
 # ==============================================================================================
@@ -677,8 +801,9 @@ class Toolbox:
     `session(task)` gives the per-episode state."""
 
     def __init__(self, enabled=tuple(TOOL_NAMES.values()), knowledge=None, prompt_writer=None,
-                 editor=None, judge=None, segmenter=None):
+                 editor=None, judge=None, segmenter=None, references=None):
         self.enabled = list(enabled)
+        self.references = references or {}   # "category/type" -> reference_stats, for the judge
         self.knowledge = knowledge or KnowledgeBase()
         self.prompt_writer: PromptWriter = prompt_writer or OfflinePromptWriter()
         self.editor: ImageEditor = editor or ProceduralPainter()
@@ -695,10 +820,16 @@ class Toolbox:
         """Knowledge for the judge and the prompt writer; a type the base lacks gets guessed attributes."""
         item, defect = item_name or task.category, anomaly_type or task.anomaly_type
         try:
-            return self.knowledge.lookup(item, defect, task.dataset)
+            entry = self.knowledge.lookup(item, defect, task.dataset)
         except KnowledgeError:
-            return {"type": normalize_key(defect), "object": f"a {item}", "kind": task.kind,
-                    "attributes": guess_attributes(defect)}
+            entry = {"type": normalize_key(defect), "object": f"a {item}", "kind": task.kind,
+                     "attributes": guess_attributes(defect)}
+        # the dataset's own references of the task's type, where it has them (reference_stats)
+        if (normalize_key(item), normalize_key(defect)) == (task.category, task.anomaly_type):
+            reference = self.references.get(f"{task.category}/{task.anomaly_type}")
+            if reference:
+                entry["reference"] = reference
+        return entry
 
 
 class ToolSession:
