@@ -5,8 +5,10 @@ build_trajectories.py -- structured SFT trajectories by reverse synthesis (docs/
     python build_trajectories.py --data visa --data-root /data/VisA     # the paper's setting
 
 For every real anomaly (image, mask, type) of the training categories:
-  1. reverse synthesis: a clean counterpart, the defect removed by exemplar fill (the best-matching
-     nearby patch of the same image is copied over it; the rest of the image stays identical);
+  1. reverse synthesis: a clean counterpart, the defect removed (tools.clean_counterpart): on objects
+     photographed in a fixed pose, the masked region from the best-aligned normal image (a small
+     search over shifts and rotations), feathered; elsewhere exemplar fill (the best-matching nearby
+     patch of the same image is copied over it). The rest of the image stays identical;
   2. N in {1..--n-max} attempts: the real anomaly is the final, passing attempt; before it come real
      image_gen outputs from weaker prompts (a bare generic prompt, then a detailed one with one thing
      wrong) that the real quality_eval fails;
@@ -23,7 +25,7 @@ Writes OUT/train.jsonl and OUT/val.jsonl (chat "messages" with images by path, p
 "tools": the format TRL and LLaMA-Factory read), the images under OUT/images/, and OUT/manifest.json
 (dataset, root, categories, backends, seed), which sft.py checks against the data it is told to
 train on. OUT defaults to runs/trajectories/<data>. Each real anomaly it skips is printed with why.
-Simplifies: the paper removes defects with an image editor; exemplar fill is our stand-in.
+Simplifies: the paper removes defects with an image editor; aligned and exemplar fill are our stand-ins.
 """
 import argparse
 import json
@@ -192,6 +194,18 @@ def build_one(toolbox, task, anomaly_image, mask, n_attempts, use_kr, rng, ran_o
     return messages, session.images, len(attempts)
 
 
+def print_residuals(residuals):
+    """Per category and fill method: the mean change the removal made inside the masks, beside how
+    much two aligned normal images differ there (a fill changes the defect by far more than that;
+    a change near it would mean the defect was left in place)."""
+    print("clean counterparts (residual inside the mask | normal-to-normal residual there, grey levels):")
+    for (cat, how), pairs in sorted(residuals.items()):
+        inside = np.mean([p[0] for p in pairs])
+        between = [p[1] for p in pairs if p[1] is not None]
+        print(f"  {cat}: {how} fill for {len(pairs)}: {inside:.1f} | "
+              + (f"{np.mean(between):.1f}" if between else "n/a (fewer than 2 normal images)"))
+
+
 def write_manifest(out, dataset, categories, toolbox, seed):
     """OUT/manifest.json: what the trajectories were built from, so sft.py can refuse another dataset's."""
     manifest = {"dataset": dataset.name, "root": str(dataset.root.resolve()), "categories": categories,
@@ -227,6 +241,7 @@ def main(argv=None):
     if notice:
         print(notice)
     splits, counts = {"train": [], "val": []}, Counter()
+    normals, residuals = {}, {}   # per category: normal images to align; residuals of the clean counterparts
     for anomaly in tqdm(anomalies, desc="trajectories"):
         record_id = f"{anomaly.category}/{anomaly.anomaly_type}/{anomaly.image.stem}"
         anomaly_image, mask = dataset.load_anomaly(anomaly)
@@ -234,9 +249,14 @@ def main(argv=None):
             counts["skipped: empty mask"] += 1
             tqdm.write(f"skipped {record_id}: its mask {anomaly.mask} is empty")
             continue
-        task = tools.Task(id=record_id, category=anomaly.category, anomaly_type=anomaly.anomaly_type,
-                          image=tools.exemplar_fill(anomaly_image, mask), kind=dataset.kinds[anomaly.category],
-                          dataset=dataset.name, seed=tools.stable_seed(args.seed, record_id))
+        cat = anomaly.category
+        if cat not in normals:
+            normals[cat] = [dataset.load(p) for p in dataset.train_good[cat][:tools.ALIGN_NORMALS]]
+        clean, how = tools.clean_counterpart(anomaly_image, mask, dataset.kinds[cat], normals[cat], dataset.fixed_pose[cat])
+        residuals.setdefault((cat, how), []).append(
+            (tools.change_map(anomaly_image, clean)[mask].mean(), tools.normal_residual(normals[cat], mask)))
+        task = tools.Task(id=record_id, category=cat, anomaly_type=anomaly.anomaly_type, image=clean,
+                          kind=dataset.kinds[cat], dataset=dataset.name, seed=tools.stable_seed(args.seed, record_id))
         passing_rng = np.random.default_rng(task.seed)
         built = build_one(toolbox, task, anomaly_image, mask, int(passing_rng.integers(1, args.n_max + 1)),
                           bool(passing_rng.random() < args.kr_prob), passing_rng)
@@ -273,6 +293,7 @@ def main(argv=None):
     print(f"{len(splits['train'])} train + {len(splits['val'])} val trajectories in {out}")
     for key in sorted(counts):
         print(f"  {key}: {counts[key]}")
+    print_residuals(residuals)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,7 @@ class Dataset:
     train_categories: list
     eval_categories: list
     knowledge_types: dict = None   # category -> the types knowledge.json describes for it
+    fixed_pose: dict = None        # category -> photographed in a fixed pose (knowledge.json "pose")
 
     @property
     def categories(self):
@@ -206,19 +207,21 @@ def load_dataset(name, root=None, size=None, seed=0, categories=None) -> Dataset
         dataset = _images_dataset(Path(root), size or 256, categories)
     else:
         dataset = (_mvtec_dataset if name == "mvtec" else _visa_dataset)(Path(root), size or 256)
-    dataset.knowledge_types = _knowledge_types(name, dataset.categories)
+    dataset.knowledge_types, dataset.fixed_pose = _from_knowledge(name, dataset.categories)
     return dataset
 
 
-def _knowledge_types(dataset_name, categories) -> dict:
-    """category -> the types knowledge.json describes for it (the dataset's own entry first)."""
-    kb, found = KnowledgeBase(), {}
+def _from_knowledge(dataset_name, categories) -> tuple:
+    """category -> the types knowledge.json describes for it, and -> whether it is photographed in a
+    fixed pose (the dataset's own entry first; an unknown category has no types and a free pose)."""
+    kb, types, fixed = KnowledgeBase(), {}, {}
     for cat in categories:
         try:
-            found[cat] = sorted(kb._find_category(cat, dataset_name)[2]["types"])
+            entry = kb._find_category(cat, dataset_name)[2]
         except KnowledgeError:
-            found[cat] = []
-    return found
+            entry = {"types": {}}
+        types[cat], fixed[cat] = sorted(entry["types"]), entry.get("pose") == "fixed"
+    return types, fixed
 
 
 def _images_dataset(root, size, categories) -> Dataset:
@@ -488,12 +491,98 @@ def exemplar_fill(image, mask) -> np.ndarray:
     return clean
 
 
+ALIGN_SIDE = 64                         # the pose search runs at 64 px: fast, and fine enough for a shift
+ALIGN_SHIFTS = range(-4, 5)             # shifts at 64 px (+-4 px: +-6% of the side)
+ALIGN_ANGLES = (-4.0, -2.0, 0.0, 2.0, 4.0)   # rotations in degrees
+ALIGN_NORMALS = 8                       # normal images searched per anomaly
+FEATHER = 2.0                           # pixels over which the aligned patch blends into the image
+
+
+def _small(image):
+    return np.asarray(Image.fromarray(image).resize((ALIGN_SIDE, ALIGN_SIDE), Image.BILINEAR), np.float32)
+
+
+def _warp(image, angle, dy, dx):
+    """image rotated about its centre by angle degrees, then shifted by (dy, dx) pixels."""
+    out = ndimage.rotate(image.astype(np.float32), angle, axes=(0, 1), reshape=False, order=1, mode="nearest") \
+        if angle else image.astype(np.float32)
+    return ndimage.shift(out, (dy, dx, 0), order=1, mode="nearest") if (dy or dx) else out
+
+
+def align(target, source, ignore=None):
+    """The (angle, dy, dx) in full-resolution pixels that best lays source over target, and the mean
+    residual (grey levels) outside ignore: a small search over rotations and shifts at ALIGN_SIDE,
+    then the shift refined pixel by pixel at full resolution."""
+    t, s = _small(target), _small(source)
+    keep = np.ones(t.shape[:2], bool) if ignore is None else \
+        np.asarray(Image.fromarray(ignore.astype(np.uint8) * 255).resize(t.shape[1::-1])) == 0
+    m = ALIGN_SHIFTS.stop - 1
+    keep[:m], keep[-m:], keep[:, :m], keep[:, -m:] = False, False, False, False   # rolled-in borders
+    best = (np.inf, 0.0, 0, 0)
+    for angle in ALIGN_ANGLES:
+        rotated = _warp(s, angle, 0, 0)
+        for dy in ALIGN_SHIFTS:
+            for dx in ALIGN_SHIFTS:
+                cost = float(np.abs(np.roll(rotated, (dy, dx), axis=(0, 1)) - t)[keep].mean())
+                if cost < best[0]:
+                    best = (cost, angle, dy, dx)
+    side = target.shape[0]
+    scale = side / ALIGN_SIDE
+    _, angle, dy, dx = best
+    rotated, target = _warp(source, angle, 0, 0), target.astype(np.float32)
+    keep = np.ones(target.shape[:2], bool) if ignore is None else ~ignore
+    border = int(np.ceil((m + 1) * scale))
+    keep[:border], keep[-border:], keep[:, :border], keep[:, -border:] = False, False, False, False
+    reach = int(np.ceil(scale / 2))
+    refined = min((float(np.abs(np.roll(rotated, (y, x), axis=(0, 1)) - target)[keep].mean()), y, x)
+                  for y in range(round(dy * scale) - reach, round(dy * scale) + reach + 1)
+                  for x in range(round(dx * scale) - reach, round(dx * scale) + reach + 1))
+    return angle, refined[1], refined[2], refined[0]
+
+
+def aligned_fill(image, mask, normals) -> tuple:
+    """The masked region (grown and feathered) taken from the best-aligned normal image, its colour
+    matched to the image around the defect. Returns the clean image and the mean difference between
+    the image and the aligned normal just around the defect (grey levels)."""
+    grown = ndimage.binary_dilation(mask, iterations=2)
+    fits = [(align(image, normal, ignore=grown), normal) for normal in normals[:ALIGN_NORMALS]]
+    (angle, dy, dx, _), normal = min(fits, key=lambda f: f[0][3])
+    patch = _warp(normal, angle, dy, dx)
+    ring = ndimage.binary_dilation(grown, iterations=3) & ~grown
+    patch *= image[ring].astype(np.float32).mean(0) / np.maximum(patch[ring].mean(0), 1.0)   # the same light
+    alpha = np.clip(ndimage.gaussian_filter(grown.astype(np.float32), FEATHER) * 2, 0, 1)
+    alpha[grown] = 1.0
+    clean = image * (1 - alpha[..., None]) + patch * alpha[..., None]
+    residual = float(np.abs(patch[ring] - image[ring]).mean())
+    return np.clip(np.round(clean), 0, 255).astype(np.uint8), residual
+
+
+def clean_counterpart(image, mask, kind, normals=(), fixed_pose=False) -> tuple:
+    """A real anomaly with its defect removed (reverse synthesis), and how. On an object photographed
+    in a fixed pose (knowledge.json's "pose"), the best-aligned normal image shows what belongs under
+    the defect (a bottle's rim, a cable's wire), which no other part of the same image does. On a
+    texture, an object that turns freely, or without normal images: exemplar fill.
+    Returns (clean, "aligned" | "exemplar")."""
+    if kind == "object" and fixed_pose and len(normals):
+        return aligned_fill(image, mask, normals)[0], "aligned"
+    return exemplar_fill(image, mask), "exemplar"
+
+
+def normal_residual(normals, mask) -> float | None:
+    """How much two normal images of a category differ inside a region once aligned (grey levels):
+    the variation a clean counterpart's fill cannot be expected to beat."""
+    if len(normals) < 2:
+        return None
+    angle, dy, dx, _ = align(normals[0], normals[1])
+    return float(np.abs(_warp(normals[1], angle, dy, dx) - normals[0])[mask].mean())
+
+
 REFERENCE_TONE_GREY = 4.0   # a luminance change inside the defect smaller than this has no tone
 REFERENCE_WHERE = 0.75      # share of references that must touch the outline (or all but this share
                             # must stay off it) for the place to count as "edge" (or "interior")
 REFERENCE_HUE = 0.6         # the references agree on a hue when their mean chroma keeps 60% of its length
 CALIBRATION_CACHE = Path("runs") / "calibration"
-CALIBRATION_VERSION = 4     # bump when the measurements change, so old caches are not reused
+CALIBRATION_VERSION = 5     # bump when the measurements change, so old caches are not reused
 
 
 def measure_reference(clean, image, mask, kind) -> dict:
@@ -559,10 +648,12 @@ def reference_stats(dataset, categories, cache=CALIBRATION_CACHE) -> dict:
     missing = [(c, t) for c in categories for t in dataset.types(c) if f"{c}/{t}" not in stats]
     for cat, t in missing:
         measured = []
+        normals = [dataset.load(p) for p in dataset.train_good[cat][:ALIGN_NORMALS]]
         for anomaly in dataset.split(cat, t)[0]:
             image, mask = dataset.load_anomaly(anomaly)
             if mask.any():
-                measured.append(measure_reference(exemplar_fill(image, mask), image, mask, dataset.kinds[cat]))
+                clean, _ = clean_counterpart(image, mask, dataset.kinds[cat], normals, dataset.fixed_pose[cat])
+                measured.append(measure_reference(clean, image, mask, dataset.kinds[cat]))
         if measured:
             stats[f"{cat}/{t}"] = summarize_references(measured, dataset.kinds[cat])
     if missing:

@@ -149,3 +149,34 @@ def test_trajectories_match_the_pinned_digest(built):
         with Image.open(path) as image:   # the pixels, not the PNG encoder's bytes
             digest.update(str(path.relative_to(out)).encode() + np.asarray(image).tobytes())
     assert digest.hexdigest()[:16] == TRAJECTORY_DIGEST
+
+
+def test_aligned_fill_restores_a_fixed_pose_object_that_exemplar_fill_cannot():
+    """A disc with a bright rim and a printed mark on it, photographed in a fixed pose (small shifts):
+    a defect over the mark is restored from the best-aligned normal image; exemplar fill, which can
+    only copy other parts of the same photo, cannot bring the mark back."""
+    side = 128
+    yy, xx = np.mgrid[:side, :side]
+
+    def photo(cy, cx, seed):
+        r = np.hypot(yy - cy, xx - cx)
+        grey = np.where(r < 40, 120.0, 30.0)
+        grey[(r >= 34) & (r < 40)] = 220.0                                   # the rim
+        grey[(np.abs(xx - cx) < 5) & (yy > cy - 40) & (yy < cy - 33)] = 60.0   # the mark on it
+        noisy = grey + np.random.default_rng(seed).normal(0, 2, grey.shape)
+        return np.repeat(np.clip(noisy, 0, 255)[..., None], 3, axis=2).astype(np.uint8)
+
+    normals = [photo(64 + dy, 64 + dx, i) for i, (dy, dx) in enumerate([(0, 0), (3, -2), (-2, 3), (1, 4)])]
+    truth = photo(65, 62, 9)
+    mask = (np.hypot(yy - 28, xx - 62) < 8)
+    anomaly = truth.copy()
+    anomaly[mask] = 5
+    aligned, how = tools.clean_counterpart(anomaly, mask, "object", normals, fixed_pose=True)
+    assert how == "aligned"
+    far = ~ndimage.binary_dilation(mask, iterations=8)
+    assert np.array_equal(aligned[far], anomaly[far])                    # only the defect's region changes
+    error = lambda clean: tools.change_map(clean, truth)[mask].mean()
+    exemplar, how = tools.clean_counterpart(anomaly, mask, "object", normals, fixed_pose=False)
+    assert how == "exemplar" and tools.clean_counterpart(anomaly, mask, "texture", normals, True)[1] == "exemplar"
+    assert error(aligned) < 10 and error(exemplar) > 2 * error(aligned), (error(aligned), error(exemplar))
+    assert tools.normal_residual(normals, mask) < 10
