@@ -180,3 +180,20 @@ def test_aligned_fill_restores_a_fixed_pose_object_that_exemplar_fill_cannot():
     assert how == "exemplar" and tools.clean_counterpart(anomaly, mask, "texture", normals, True)[1] == "exemplar"
     assert error(aligned) < 10 and error(exemplar) > 2 * error(aligned), (error(aligned), error(exemplar))
     assert tools.normal_residual(normals, mask) < 10
+
+
+def test_an_mvtec_layout_folder_keeps_most_real_anomalies_and_says_why_it_skips_one(tmp_path):
+    tools.generate_toy_world(tmp_path / "mvtec", size=128, seed=1, categories=["nut"],
+                             counts={"train_good": 3, "test_good": 1, "per_type": 3})
+    result = run_script("build_trajectories.py", "--data", "mvtec", "--data-root", tmp_path / "mvtec",
+                        "--size", "128", "--ran-out-prob", "0", "--out", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    assert "offline stand-ins" in result.stdout.splitlines()[0]
+    records = [json.loads(line) for name in ("train", "val")
+               for line in (tmp_path / "o" / f"{name}.jsonl").read_text().splitlines()]
+    skipped = [line for line in result.stdout.splitlines() if line.startswith("skipped ")]
+    assert len(records) + len(skipped) == 12 and len(records) >= 0.8 * 12
+    assert all("quality_eval scores the real anomaly" in line for line in skipped)
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["dataset"] == "mvtec" and manifest["categories"] == ["nut"] and manifest["references"]
+    assert "clean counterparts" in result.stdout
