@@ -5,8 +5,10 @@ build_trajectories.py -- structured SFT trajectories by reverse synthesis (docs/
     python build_trajectories.py --data visa --data-root /data/VisA     # the paper's setting
 
 For every real anomaly (image, mask, type) of the training categories:
-  1. reverse synthesis: a clean counterpart, the defect removed by exemplar fill (the best-matching
-     nearby patch of the same image is copied over it; the rest of the image stays identical);
+  1. reverse synthesis: a clean counterpart, the defect removed (tools.clean_counterpart): on objects
+     photographed in a fixed pose, the masked region from the best-aligned normal image (a small
+     search over shifts and rotations), feathered; elsewhere exemplar fill (the best-matching nearby
+     patch of the same image is copied over it). The rest of the image stays identical;
   2. N in {1..--n-max} attempts: the real anomaly is the final, passing attempt; before it come real
      image_gen outputs from weaker prompts (a bare generic prompt, then a detailed one with one thing
      wrong) that the real quality_eval fails;
@@ -25,7 +27,10 @@ Writes OUT/train.jsonl and OUT/val.jsonl in the format TRL's vision-language SFT
 tool schemas are part of the system prompt, once. --format llamafactory also writes the sharegpt
 form LLaMA-Factory reads (OUT/sharegpt_{train,val}.jsonl, "<image>" placeholders) and its
 OUT/dataset_info.json entries (anomalyagent_train, anomalyagent_val).
-Simplifies: the paper removes defects with an image editor; exemplar fill is our stand-in.
+OUT also gets manifest.json (dataset, root, categories, backends, seed), which sft.py checks against the
+data it is told to train on. OUT defaults to runs/trajectories/<data>. Each real anomaly it skips is
+printed with why.
+Simplifies: the paper removes defects with an image editor; aligned and exemplar fill are our stand-ins.
 """
 import argparse
 import json
@@ -52,44 +57,14 @@ def get_args(argv=None):
     p.add_argument("--ran-out-prob", type=float, default=0.25,
                    help="chance of an extra trajectory whose --n-max attempts all fail (0: passing ends only)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of anomalies held out for validation")
+    p.add_argument("--references", default="on", choices=["on", "off"],
+                   help="on: the judge expects what the dataset's few-shot references show (off: knowledge.json)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many anomalies (quick runs)")
-    p.add_argument("--out", default="runs/trajectories", help="output folder")
+    p.add_argument("--out", default=None, help="output folder (default: runs/trajectories/<data>)")
     p.add_argument("--format", default="trl", help="trl (always written), or llamafactory: also the sharegpt form")
     p.add_argument("--seed", type=int, default=0, help="seed of attempts, N and KR")
     tools.add_backend_flags(p)
     return p.parse_args(argv)
-
-
-# ---- reverse synthesis -------------------------------------------------------------------------
-
-def remove_defect(image, mask):
-    """Exemplar fill: cover the (slightly grown) defect with the shifted copy of the image whose
-    surroundings match the defect's surroundings best. Pixels away from the defect are untouched."""
-    h, w = mask.shape
-    hole = ndimage.binary_dilation(mask, iterations=2)
-    ring = ndimage.binary_dilation(hole, iterations=3) & ~hole
-    hy, hx = np.nonzero(hole)
-    ry, rx = np.nonzero(ring)
-    img = image.astype(np.float32)
-    best, best_cost = None, np.inf
-    reach = max(h, w) // 2
-    step = max(1, reach // 24)
-    for dy in range(-reach, reach + 1, step):
-        for dx in range(-reach, reach + 1, step):
-            if abs(dy) + abs(dx) == 0:
-                continue
-            sy, sx = hy + dy, hx + dx
-            if sy.min() < 0 or sx.min() < 0 or sy.max() >= h or sx.max() >= w or hole[sy, sx].any():
-                continue
-            ty, tx = np.clip(ry + dy, 0, h - 1), np.clip(rx + dx, 0, w - 1)
-            cost = np.abs(img[ty, tx] - img[ry, rx]).mean()
-            if cost < best_cost:
-                best, best_cost = (dy, dx), cost
-    if best is None:
-        raise tools.UserError("a defect covers too much of the image to be removed")
-    clean = image.copy()
-    clean[hy, hx] = image[hy + best[0], hx + best[1]]
-    return clean
 
 
 # ---- describing an attempt in the painter's words ---------------------------------------------
@@ -207,7 +182,8 @@ def build_one(toolbox, task, anomaly_image, mask, n_attempts, use_kr, rng, ran_o
                       "quality_eval", {"anomaly_image": k, "item_name": item, "anomaly_type": defect})
         score = result["score"]
         review = result["review"].split(". ", 1)[-1]   # quoted in the thinking: the review less its verdict
-        if m + 1 < len(attempts) and use_kr and knowledge is None:
+        # knowledge retrieval only for a type the base describes (an unknown one gets an error)
+        if m + 1 < len(attempts) and use_kr and knowledge is None and "description" in entry:
             knowledge = turn(f"Score {score:g}/10 is below {tools.PASS_SCORE:g}. Before rewriting the prompt "
                              f"I look up how a {defect} on a {item} looks.", "knowledge_retrieval",
                              {"item_name": item, "anomaly_type": defect})
@@ -251,6 +227,28 @@ def write_sharegpt(out, splits) -> None:
     tools.write_atomic(out / "dataset_info.json", json.dumps(info, indent=1))
 
 
+def print_residuals(residuals):
+    """Per category and fill method: the mean change the removal made inside the masks, beside how
+    much two aligned normal images differ there (a fill changes the defect by far more than that;
+    a change near it would mean the defect was left in place)."""
+    print("clean counterparts (residual inside the mask | normal-to-normal residual there, grey levels):")
+    for (cat, how), pairs in sorted(residuals.items()):
+        inside = np.mean([p[0] for p in pairs])
+        between = [p[1] for p in pairs if p[1] is not None]
+        print(f"  {cat}: {how} fill for {len(pairs)}: {inside:.1f} | "
+              + (f"{np.mean(between):.1f}" if between else "n/a (fewer than 2 normal images)"))
+
+
+def write_manifest(out, dataset, categories, toolbox, seed):
+    """OUT/manifest.json: what the trajectories were built from, so sft.py can refuse another dataset's."""
+    manifest = {"dataset": dataset.name, "root": str(dataset.root.resolve()), "categories": categories,
+                "size": dataset.image_size, "seed": seed, "references": bool(toolbox.references),
+                "backends": {tool: type(backend).__name__ for tool, backend in (
+                    ("prompt_gen", toolbox.prompt_writer), ("image_gen", toolbox.editor),
+                    ("quality_eval", toolbox.judge), ("mask_gen", toolbox.segmenter))}}
+    tools.write_json(out / "manifest.json", manifest)
+
+
 def main(argv=None):
     args = get_args(argv)
     if args.format not in ("trl", "llamafactory"):
@@ -264,7 +262,7 @@ def main(argv=None):
         raise tools.UserError(f"--val-fraction must be at least 0 and below 1, got {args.val_fraction}")
     if args.limit is not None and args.limit < 1:
         raise tools.UserError(f"--limit must be at least 1, got {args.limit}")
-    out = Path(args.out)
+    out = Path(args.out or f"runs/trajectories/{args.data}")
     if (out / "train.jsonl").exists():
         raise tools.UserError(f"{out} already holds trajectories; pass another --out or delete it")
     dataset = tools.load_dataset(args.data, args.data_root, args.size)
@@ -276,15 +274,28 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     anomalies = [anomalies[i] for i in rng.permutation(len(anomalies))][:args.limit]
     toolbox = tools.make_toolbox(args)
+    if args.references == "on":
+        toolbox.references = tools.reference_stats(dataset, categories)
+    notice = tools.offline_notice(dataset.name, toolbox)
+    if notice:
+        print(notice)
     splits, counts = {"train": [], "val": []}, Counter()
+    normals, residuals = {}, {}   # per category: normal images to align; residuals of the clean counterparts
     for anomaly in tqdm(anomalies, desc="trajectories"):
         record_id = f"{anomaly.category}/{anomaly.anomaly_type}/{anomaly.image.stem}"
-        anomaly_image, mask = dataset.load(anomaly.image), dataset.load_mask(anomaly.mask)
+        anomaly_image, mask = dataset.load_anomaly(anomaly)
         if not mask.any():
+            counts["skipped: empty mask"] += 1
+            tqdm.write(f"skipped {record_id}: its mask {anomaly.mask} is empty")
             continue
-        task = tools.Task(id=record_id, category=anomaly.category, anomaly_type=anomaly.anomaly_type,
-                          image=remove_defect(anomaly_image, mask), kind=dataset.kinds[anomaly.category],
-                          dataset=dataset.name, seed=tools.stable_seed(args.seed, record_id))
+        cat = anomaly.category
+        if cat not in normals:
+            normals[cat] = [dataset.load(p) for p in dataset.train_good[cat][:tools.ALIGN_NORMALS]]
+        clean, how = tools.clean_counterpart(anomaly_image, mask, dataset.kinds[cat], normals[cat], dataset.fixed_pose[cat])
+        residuals.setdefault((cat, how), []).append(
+            (tools.change_map(anomaly_image, clean)[mask].mean(), tools.normal_residual(normals[cat], mask)))
+        task = tools.Task(id=record_id, category=cat, anomaly_type=anomaly.anomaly_type, image=clean,
+                          kind=dataset.kinds[cat], dataset=dataset.name, seed=tools.stable_seed(args.seed, record_id))
         passing_rng = np.random.default_rng(task.seed)
         try:
             built = build_one(toolbox, task, anomaly_image, mask, int(passing_rng.integers(1, args.n_max + 1)),
@@ -296,6 +307,9 @@ def main(argv=None):
         toolbox.count_backend_error("quality_eval")
         if built is None:
             counts["skipped: real anomaly failed QE"] += 1
+            judged = toolbox.judge.evaluate(task.image, anomaly_image, task.kind, toolbox.entry(task))
+            tqdm.write(f"skipped {record_id}: quality_eval scores the real anomaly against its clean "
+                       f"counterpart {judged['score']:g}/10 (< {tools.PASS_SCORE:g}): {judged['review']}")
             continue
         variants = [(record_id, built, False)]
         # its own generator, so --ran-out-prob leaves the passing trajectories as they were
@@ -317,6 +331,7 @@ def main(argv=None):
             counts[anomaly.category] += 1
     if not splits["train"]:
         raise tools.UserError("no trajectory could be built (every real anomaly failed quality evaluation)")
+    write_manifest(out, dataset, categories, toolbox, args.seed)
     for split, records in splits.items():
         tools.write_atomic(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     if args.format == "llamafactory":
@@ -324,6 +339,7 @@ def main(argv=None):
     print(f"{len(splits['train'])} train + {len(splits['val'])} val trajectories in {out}")
     for key in sorted(counts):
         print(f"  {key}: {counts[key]}")
+    print_residuals(residuals)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 sft.py -- supervised fine-tuning of the policy on structured trajectories (docs/METHOD.md section 5).
 
     python build_trajectories.py && python sft.py        # toy world, tiny Qwen3-VL built from config
-    python sft.py --data mvtec --data-root /data/mvtec_anomaly_detection \\
-        --trajectories runs/trajectories-visa --policy Qwen/Qwen3-VL-4B-Thinking   # the paper's setting
+    python build_trajectories.py --data visa --data-root /data/VisA && \\
+        python sft.py --data visa --data-root /data/VisA --policy Qwen/Qwen3-VL-4B-Thinking   # the paper's setting
 
 Next-token loss on the assistant turns only (thinking, tool calls, answer, each turn's end token);
 system prompt, user message and tool observations are context. The vision encoder is frozen, its
@@ -14,6 +14,10 @@ continues from it exactly, with the same settings). At the end it saves the mode
 with --policy OUT in synthesize.py and rl.py), removes the checkpoint it supersedes, and plays a
 short rollout evaluation on --data's evaluation categories: the share of well-formed turns and of
 completed episodes (answer after mask).
+
+It trains on trajectories built from --data (default folder runs/trajectories/<data>), and stops
+before training when there are none, or when their manifest.json says they come from another
+dataset or another --data-root.
 
 Simplifies: one conversation's images are encoded at the processor's fixed size; sequences are
 not packed.
@@ -40,9 +44,11 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--trajectories", default="runs/trajectories", help="folder with train.jsonl and val.jsonl")
-    data.add_argument("--data", default="toy", help="dataset of the final rollout evaluation: toy, mvtec or visa")
+    data.add_argument("--data", default="toy", help="the dataset the trajectories were built from, and of the "
+                      "final rollout evaluation: toy, mvtec, visa")
     data.add_argument("--data-root", default=None, help="its folder")
+    data.add_argument("--trajectories", default=None, help="folder with train.jsonl, val.jsonl and manifest.json "
+                      "(default: runs/trajectories/<data>)")
     data.add_argument("--size", type=int, default=None, help="image side in pixels (toy 128, real 256)")
     model = p.add_argument_group("model")
     model.add_argument("--policy", default="tiny", help="tiny (built from config) or a model folder / Hugging Face id")
@@ -89,6 +95,35 @@ def check_flags(args) -> None:
     for flag in ("warmup", "rename-prob"):
         require(0 <= getattr(args, flag.replace("-", "_")) <= 1, flag, "between 0 and 1")
     require(args.weight_decay >= 0, "weight-decay", "at least 0")
+
+
+def build_command(args) -> str:
+    return " ".join(["python build_trajectories.py --data", args.data]
+                    + (["--data-root", str(args.data_root)] if args.data_root else [])
+                    + ["--out", f"runs/trajectories/{args.data}"])
+
+
+def check_trajectories(folder, args):
+    """The trajectories exist and their manifest names --data; the dataset is loaded (so --data and
+    --data-root are checked) and must be the one they were built from. Before any training."""
+    if not (folder / "train.jsonl").is_file():
+        raise tools.UserError(f"no trajectories in {folder}: build them first with: {build_command(args)}")
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise tools.UserError(f"{folder} has no manifest.json, so its dataset is unknown; build "
+                              f"trajectories of --data {args.data} with: {build_command(args)}") from None
+    except ValueError:
+        raise tools.UserError(f"{folder / 'manifest.json'} is corrupt; build trajectories again with: "
+                              f"{build_command(args)}") from None
+    if manifest.get("dataset") != args.data:
+        raise tools.UserError(f"{folder} holds trajectories of {manifest.get('dataset')}, not of --data "
+                              f"{args.data}; build those with: {build_command(args)}")
+    dataset = tools.load_dataset(args.data, args.data_root, args.size)
+    if manifest.get("root") != str(dataset.root.resolve()):
+        raise tools.UserError(f"{folder} was built from {manifest.get('root')}, not from --data-root "
+                              f"{dataset.root.resolve()}; build trajectories of it with: {build_command(args)}")
+    return dataset
 
 
 def read_trajectories(path) -> list:
@@ -168,9 +203,8 @@ def warmup_cosine(step, warmup, total) -> float:
         0.5 * (1 + math.cos(math.pi * min(1.0, max(0, step - warmup) / max(1, total - warmup)))))
 
 
-def rollout_evaluation(policy, args):
+def rollout_evaluation(policy, args, dataset):
     """Greedy episodes on the evaluation categories, through the shared runner."""
-    dataset = tools.load_dataset(args.data, args.data_root, args.size)
     plan = tools.plan_tasks(dataset, per_type=args.rollouts, seed=args.seed)
     policy.model.eval()
     policy.temperature = 0.0   # greedy: the policy's best guess at every turn
@@ -295,7 +329,8 @@ def main(argv=None):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    folder = Path(args.trajectories)
+    folder = Path(args.trajectories or f"runs/trajectories/{args.data}")
+    dataset = check_trajectories(folder, args)
     train = read_trajectories(folder / "train.jsonl")
     has_val = (folder / "val.jsonl").is_file() and (folder / "val.jsonl").stat().st_size > 0
     val = read_trajectories(folder / "val.jsonl") if has_val else train[:8]   # tiny runs have no val split
@@ -378,7 +413,7 @@ def main(argv=None):
     policy.save(out)
     remove_checkpoint(out)
     if args.rollouts:
-        stats = rollout_evaluation(policy, args)
+        stats = rollout_evaluation(policy, args, dataset)
         tools.write_json(out / "rollout_eval.json", stats)
         print(f"saved {out}. Rollout evaluation on {args.data}'s evaluation categories: "
               + tools.format_stats(stats))

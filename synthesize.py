@@ -59,7 +59,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--data", default="toy", help="toy (built in, generated on first use), mvtec or visa")
+    data.add_argument("--data", default="toy", help="toy (built in, generated on first use), mvtec, visa, "
+                      "or images (one folder of your own normal photos; --categories names the item)")
     data.add_argument("--data-root", default=None, help="the dataset's folder (for toy: where to cache it)")
     data.add_argument("--size", type=int, default=None, help="image side in pixels (toy 128, real 256)")
     data.add_argument("--categories", default=None, help="comma list; default: the evaluation group")
@@ -72,6 +73,9 @@ def get_args(argv=None):
     agent.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where a model policy runs")
     agent.add_argument("--tools", default="PG,IG,QE,KR,MG", help="tools the agent may call (ablations)")
     agent.add_argument("--max-turns", type=int, default=10, help="turns per episode (paper: 10)")
+    agent.add_argument("--references", default="on", choices=["on", "off"],
+                       help="on: the judge expects what the dataset's few-shot references (the first third "
+                            "of a type's anomalies) show, where it has them; off: what knowledge.json says")
     run = p.add_argument_group("run")
     run.add_argument("--out", default="runs/synth", help="output folder; an existing one is resumed")
     run.add_argument("--layout", default="by-type", help="by-type (<cat>/<type>/image|mask, read by evaluate.py) or mvtec (an MVTec-AD dataset)")
@@ -82,8 +86,8 @@ def get_args(argv=None):
 
 
 # settings that change what a sample looks like: a resumed run must share them
-RUN_SETTINGS = ("data", "data_root", "size", "method", "policy", "temperature", "tools", "max_turns", "seed",
-                *tools.BACKEND_SETTINGS, "layout")
+RUN_SETTINGS = ("data", "data_root", "size", "method", "policy", "temperature", "tools", "max_turns", "references",
+                "seed", *tools.BACKEND_SETTINGS, "layout")
 LAYOUTS = ("by-type", "mvtec")
 
 
@@ -109,6 +113,7 @@ def prepare_out(out, args, dataset):
         old.setdefault("method", "agent")   # runs made before --method existed were all the agent's
         for k in tools.BACKEND_SETTINGS:    # and before the backend flags, all the offline backends'
             old.setdefault(k, tools.BACKEND_DEFAULTS[k])
+        old.setdefault("references", "off")   # and before --references, the judge had none
         old.setdefault("layout", "by-type")  # and before --layout, all by type
         diff = [f"--{k.replace('_', '-')} {old.get(k)} -> {config[k]}" for k in RUN_SETTINGS
                 if old.get(k) != config[k]]
@@ -413,7 +418,7 @@ def main(argv=None):
             raise tools.UserError(f"--{flag.replace('_', '-')} must be at least 1")
     if not args.temperature >= 0:
         raise tools.UserError(f"--temperature must be at least 0 (0: greedy), not {args.temperature}")
-    dataset = tools.load_dataset(args.data, args.data_root, args.size)
+    dataset = tools.load_dataset(args.data, args.data_root, args.size, categories=args.categories)
     out = Path(args.out)
     tasks = tools.plan_tasks(dataset, args.categories, args.types, args.per_type, args.seed)
     config, done = prepare_out(out, args, dataset)
@@ -422,6 +427,11 @@ def main(argv=None):
           f"{len(todo)} to make)")
 
     toolbox = tools.make_toolbox(args, args.tools.split(","))
+    if args.references == "on":
+        toolbox.references = tools.reference_stats(dataset, sorted({t["category"] for t in tasks}))
+    notice = tools.offline_notice(dataset.name, toolbox)
+    if notice:
+        print(notice)
     if args.method == "agent":
         policy = tools.load_policy(args.policy, seed=args.seed, device=args.device, temperature=args.temperature)
     tools.write_json(out / "config.json", config)

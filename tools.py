@@ -39,8 +39,8 @@ from scipy import ndimage
 
 from toy_world import (  # the offline world: the toy dataset's renderer and the offline backends
     COLOURS, FAMILY_DEFAULTS, HUES, SHAPE_PHRASES, TOY_CATEGORIES, DifferenceSegmenter, MeasuredJudge,
-    OfflinePromptWriter, ProceduralPainter, ToolError, background_colour, change_map, elongation,
-    extent_px, foreground_mask, guess_attributes, local_edit_prompt, luminance, region_mask,
+    OfflinePromptWriter, ProceduralPainter, ToolError, background_colour, change_map, contour_steepness,
+    elongation, extent_px, foreground_mask, guess_attributes, local_edit_prompt, luminance, region_mask,
     render_anomaly, render_normal)
 
 HERE = Path(__file__).resolve().parent
@@ -59,11 +59,22 @@ def stable_seed(*parts) -> int:
 # 1. Data
 # ==============================================================================================
 
+def _as_8bit(im):
+    """16-bit (and 32-bit integer) grey images scaled to 0-255; PIL's convert would clip them at 255,
+    turning a 16-bit photo white."""
+    if im.mode.startswith("I"):
+        values = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or values.max() > 255 else 255.0
+        return Image.fromarray(np.round(np.clip(values, 0, top) * 255.0 / top).astype(np.uint8), "L")
+    return im
+
+
 def load_image(path, size=None) -> np.ndarray:
-    """An RGB image as HxWx3 uint8, resized to size x size when size is given."""
+    """An RGB image as HxWx3 uint8 (grey, RGBA and 16-bit files too), resized to size x size when
+    size is given."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = _as_8bit(im).convert("RGB")
             if size and im.size != (size, size):
                 im = im.resize((size, size), Image.BICUBIC)
             return np.asarray(im).copy()
@@ -77,12 +88,21 @@ def load_mask(path, size=None) -> np.ndarray:
     """A defect mask as HxW bool (any non-zero pixel is defect, as in MVTec-AD and VisA)."""
     try:
         with Image.open(path) as im:
-            im = im.convert("L")
+            im = _as_8bit(im).convert("L")
             if size and im.size != (size, size):
                 im = im.resize((size, size), Image.NEAREST)
             return np.asarray(im) > 0
     except OSError as e:
         raise UserError(f"cannot read mask {path}: {e}") from None
+
+
+def image_size_of(path) -> tuple:
+    """(width, height) from the file's header, without decoding the pixels."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except OSError as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
 
 
 def save_png(array, path) -> None:
@@ -139,6 +159,8 @@ class Dataset:
     anomalies: dict        # category -> [Anomaly]
     train_categories: list
     eval_categories: list
+    knowledge_types: dict = None   # category -> the types knowledge.json describes for it
+    fixed_pose: dict = None        # category -> photographed in a fixed pose (knowledge.json "pose")
 
     @property
     def categories(self):
@@ -146,6 +168,12 @@ class Dataset:
 
     def types(self, category):
         return sorted({a.anomaly_type for a in self.anomalies[self.check_category(category)]})
+
+    def synthesis_types(self, category):
+        """The types that can be synthesized on the category: those with real examples on disk and
+        those the knowledge base describes (a category with normal images only has just the latter)."""
+        known = (self.knowledge_types or {}).get(self.check_category(category), [])
+        return sorted(set(self.types(category)) | set(known))
 
     def anomalies_of(self, category, anomaly_type):
         found = [a for a in self.anomalies[category] if a.anomaly_type == anomaly_type]
@@ -170,9 +198,19 @@ class Dataset:
     def load_mask(self, path):
         return load_mask(path, self.image_size)
 
+    def load_anomaly(self, anomaly):
+        """A real anomaly's image and mask; a mask of another size than its image is an error."""
+        image_size, mask_size = image_size_of(anomaly.image), image_size_of(anomaly.mask)
+        if image_size != mask_size:
+            raise UserError(f"the mask {anomaly.mask} is {mask_size[0]}x{mask_size[1]} but its image "
+                            f"{anomaly.image} is {image_size[0]}x{image_size[1]}")
+        return self.load(anomaly.image), self.load_mask(anomaly.mask)
 
-def load_dataset(name, root=None, size=None, seed=0) -> Dataset:
-    """--data toy|mvtec|visa: the toy world is generated on first use and cached under data/toy."""
+
+def load_dataset(name, root=None, size=None, seed=0, categories=None) -> Dataset:
+    """--data toy|mvtec|visa|images: the toy world is generated on first use and cached under data/toy;
+    images is a plain folder of one category's normal photos, named by categories (one name; default:
+    the folder's name)."""
     if size is not None and size < 32:
         raise UserError(f"--size must be at least 32 pixels, not {size}")
     if root is not None and Path(root).exists() and not Path(root).is_dir():
@@ -180,15 +218,50 @@ def load_dataset(name, root=None, size=None, seed=0) -> Dataset:
     if name == "toy":
         size = size or 128
         root = Path(root) if root else HERE / "data" / "toy" / f"{size}px-seed{seed}"
-        return _toy_dataset(root, size, seed)
-    if name not in ("mvtec", "visa"):
-        raise UserError(f"--data must be toy, mvtec or visa, not '{name}'")
-    if root is None:
-        raise UserError(f"--data {name} needs --data-root PATH (the unpacked dataset)")
-    root = Path(root)
-    if not root.is_dir():
+        dataset = _toy_dataset(root, size, seed)
+    elif name not in ("mvtec", "visa", "images"):
+        raise UserError(f"--data must be toy, mvtec, visa or images, not '{name}'")
+    elif root is None:
+        raise UserError(f"--data {name} needs --data-root PATH "
+                        + ("(a folder of normal photos)" if name == "images" else "(the unpacked dataset)"))
+    elif not Path(root).is_dir():
         raise UserError(f"--data-root {root} does not exist or is not a folder")
-    return (_mvtec_dataset if name == "mvtec" else _visa_dataset)(root, size or 256)
+    elif name == "images":
+        dataset = _images_dataset(Path(root), size or 256, categories)
+    else:
+        dataset = (_mvtec_dataset if name == "mvtec" else _visa_dataset)(Path(root), size or 256)
+    dataset.knowledge_types, dataset.fixed_pose = _from_knowledge(name, dataset.categories)
+    return dataset
+
+
+def _from_knowledge(dataset_name, categories) -> tuple:
+    """category -> the types knowledge.json describes for it, and -> whether it is photographed in a
+    fixed pose (the dataset's own entry first; an unknown category has no types and a free pose)."""
+    kb, types, fixed = KnowledgeBase(), {}, {}
+    for cat in categories:
+        try:
+            entry = kb._find_category(cat, dataset_name)[2]
+        except KnowledgeError:
+            entry = {"types": {}}
+        types[cat], fixed[cat] = sorted(entry["types"]), entry.get("pose") == "fixed"
+    return types, fixed
+
+
+def _images_dataset(root, size, categories) -> Dataset:
+    """A user's own normal photos, all in one folder: one category, no anomalies (so no references)."""
+    photos = _images_in(root)
+    if not photos:
+        raise UserError(f"no images (.png, .jpg, .bmp) in {root}: --data images reads one folder of "
+                        "normal photos")
+    names = comma_list(categories, "--categories") if categories else [normalize_key(root.name)]
+    if len(names) > 1:
+        raise UserError("--data images reads one category: give --categories one name, e.g. screw")
+    cat = names[0]
+    try:
+        kind = KnowledgeBase()._find_category(cat, None)[2]["kind"]
+    except KnowledgeError:
+        kind = "object"   # on a plain texture the foreground is found to be the whole image anyway
+    return Dataset("images", root, size, {cat: kind}, {cat: photos}, {cat: []}, {cat: []}, [cat], [cat])
 
 
 def _images_in(folder):
@@ -198,7 +271,8 @@ def _images_in(folder):
 
 def _read_mvtec_layout(name, root, size, kinds, train_categories, eval_categories=None) -> Dataset:
     """<category>/train/good, <category>/test/<type>, <category>/ground_truth/<type>/<stem>_mask.png"""
-    categories = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+    # a category with test anomalies but no normal images is still read: its anomalies are references
+    categories = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir() or (p / "test").is_dir())
     if not categories:
         raise UserError(f"no categories under {root}: expected {root}/<category>/train/good/*.png "
                         "(the MVTec-AD layout)")
@@ -356,21 +430,33 @@ class Task:
 def plan_tasks(dataset, categories=None, types=None, per_type=5, seed=0) -> list:
     """Which normal image gets which anomaly type: per (category, type), per_type tasks on the
     category's normal training images (a seeded order). categories and types are comma lists or
-    None (the evaluation group, all types)."""
+    None (the evaluation group; every type on disk or in the knowledge base). A category without
+    normal images is skipped with a notice; a type the knowledge base does not know is accepted with
+    one (the tools then guess its family from its name)."""
     categories = dataset.eval_categories if categories is None else comma_list(categories, "--categories")
     types = None if types is None else comma_list(types, "--types")
-    for t in types or []:
-        if not any(t in dataset.types(dataset.check_category(c)) for c in categories):
-            raise UserError(f"--types: no category of {', '.join(categories)} has the type '{t}'")
-    plan = []
     for cat in categories:
-        chosen = [t for t in dataset.types(dataset.check_category(cat)) if types is None or t in types]
+        dataset.check_category(cat)
+    usable = [c for c in categories if dataset.train_good[c]]
+    for cat in categories:
+        if cat not in usable:
+            print(f"note: {cat} has no normal images (expected in {dataset.root / cat / 'train' / 'good'}); skipped")
+    if not usable:
+        raise UserError(f"no normal images to synthesize on in {', '.join(categories)} of {dataset.root}")
+    known = {t for c in usable for t in dataset.synthesis_types(c)}
+    for t in types or []:
+        if t not in known:
+            print(f"note: knowledge retrieval has nothing for '{t}' on {', '.join(usable)}; the tools "
+                  "guess its family from its name")
+    plan = []
+    for cat in usable:
+        chosen = [t for t in dataset.synthesis_types(cat) if types is None or t in types] \
+            + [t for t in types or [] if t not in known]
         if not chosen:
             raise UserError(f"none of --types {','.join(types)} exists for {cat}; known: "
-                            f"{', '.join(dataset.types(cat))}")
+                            f"{', '.join(dataset.synthesis_types(cat))}" if types else
+                            f"{cat} has no anomaly types on disk or in knowledge.json; name some with --types")
         normals = dataset.train_good[cat]
-        if not normals:
-            raise UserError(f"no normal training images for {cat} under {dataset.root}")
         order = np.random.default_rng(stable_seed(seed, cat)).permutation(len(normals))
         for t in chosen:
             for i in range(per_type):
@@ -391,6 +477,217 @@ def make_task(dataset, planned) -> "Task":
     return Task(id=planned["id"], category=planned["category"], anomaly_type=planned["anomaly_type"],
                 image=dataset.load(planned["path"]), kind=dataset.kinds[planned["category"]],
                 dataset=dataset.name, seed=planned["seed"], image_path=str(planned["path"]))
+
+
+# ---- reverse synthesis and the few-shot references ----------------------------------------------
+# A real anomaly's clean counterpart (the defect removed) is what reverse synthesis starts from
+# (build_trajectories.py), and what the references are measured against: the judge compares a
+# candidate with its normal image, so a reference must be measured the same way.
+
+def exemplar_fill(image, mask) -> np.ndarray:
+    """Exemplar fill: cover the (slightly grown) defect with the shifted copy of the image whose
+    surroundings match the defect's surroundings best. Pixels away from the defect are untouched."""
+    h, w = mask.shape
+    hole = ndimage.binary_dilation(mask, iterations=2)
+    ring = ndimage.binary_dilation(hole, iterations=3) & ~hole
+    hy, hx = np.nonzero(hole)
+    ry, rx = np.nonzero(ring)
+    img = image.astype(np.float32)
+    best, best_cost = None, np.inf
+    reach = max(h, w) // 2
+    step = max(1, reach // 24)
+    for dy in range(-reach, reach + 1, step):
+        for dx in range(-reach, reach + 1, step):
+            if abs(dy) + abs(dx) == 0:
+                continue
+            sy, sx = hy + dy, hx + dx
+            if sy.min() < 0 or sx.min() < 0 or sy.max() >= h or sx.max() >= w or hole[sy, sx].any():
+                continue
+            ty, tx = np.clip(ry + dy, 0, h - 1), np.clip(rx + dx, 0, w - 1)
+            cost = np.abs(img[ty, tx] - img[ry, rx]).mean()
+            if cost < best_cost:
+                best, best_cost = (dy, dx), cost
+    if best is None:
+        raise UserError("a defect covers too much of the image to be removed")
+    clean = image.copy()
+    clean[hy, hx] = image[hy + best[0], hx + best[1]]
+    return clean
+
+
+ALIGN_SIDE = 64                         # the pose search runs at 64 px: fast, and fine enough for a shift
+ALIGN_SHIFTS = range(-4, 5)             # shifts at 64 px (+-4 px: +-6% of the side)
+ALIGN_ANGLES = (-4.0, -2.0, 0.0, 2.0, 4.0)   # rotations in degrees
+ALIGN_NORMALS = 8                       # normal images searched per anomaly
+FEATHER = 2.0                           # pixels over which the aligned patch blends into the image
+
+
+def _small(image):
+    return np.asarray(Image.fromarray(image).resize((ALIGN_SIDE, ALIGN_SIDE), Image.BILINEAR), np.float32)
+
+
+def _warp(image, angle, dy, dx):
+    """image rotated about its centre by angle degrees, then shifted by (dy, dx) pixels."""
+    out = ndimage.rotate(image.astype(np.float32), angle, axes=(0, 1), reshape=False, order=1, mode="nearest") \
+        if angle else image.astype(np.float32)
+    return ndimage.shift(out, (dy, dx, 0), order=1, mode="nearest") if (dy or dx) else out
+
+
+def align(target, source, ignore=None):
+    """The (angle, dy, dx) in full-resolution pixels that best lays source over target, and the mean
+    residual (grey levels) outside ignore: a small search over rotations and shifts at ALIGN_SIDE,
+    then the shift refined pixel by pixel at full resolution."""
+    t, s = _small(target), _small(source)
+    keep = np.ones(t.shape[:2], bool) if ignore is None else \
+        np.asarray(Image.fromarray(ignore.astype(np.uint8) * 255).resize(t.shape[1::-1])) == 0
+    m = ALIGN_SHIFTS.stop - 1
+    keep[:m], keep[-m:], keep[:, :m], keep[:, -m:] = False, False, False, False   # rolled-in borders
+    best = (np.inf, 0.0, 0, 0)
+    for angle in ALIGN_ANGLES:
+        rotated = _warp(s, angle, 0, 0)
+        for dy in ALIGN_SHIFTS:
+            for dx in ALIGN_SHIFTS:
+                cost = float(np.abs(np.roll(rotated, (dy, dx), axis=(0, 1)) - t)[keep].mean())
+                if cost < best[0]:
+                    best = (cost, angle, dy, dx)
+    side = target.shape[0]
+    scale = side / ALIGN_SIDE
+    _, angle, dy, dx = best
+    rotated, target = _warp(source, angle, 0, 0), target.astype(np.float32)
+    keep = np.ones(target.shape[:2], bool) if ignore is None else ~ignore
+    border = int(np.ceil((m + 1) * scale))
+    keep[:border], keep[-border:], keep[:, :border], keep[:, -border:] = False, False, False, False
+    reach = int(np.ceil(scale / 2))
+    refined = min((float(np.abs(np.roll(rotated, (y, x), axis=(0, 1)) - target)[keep].mean()), y, x)
+                  for y in range(round(dy * scale) - reach, round(dy * scale) + reach + 1)
+                  for x in range(round(dx * scale) - reach, round(dx * scale) + reach + 1))
+    return angle, refined[1], refined[2], refined[0]
+
+
+def aligned_fill(image, mask, normals) -> tuple:
+    """The masked region (grown and feathered) taken from the best-aligned normal image, its colour
+    matched to the image around the defect. Returns the clean image and the mean difference between
+    the image and the aligned normal just around the defect (grey levels)."""
+    grown = ndimage.binary_dilation(mask, iterations=2)
+    fits = [(align(image, normal, ignore=grown), normal) for normal in normals[:ALIGN_NORMALS]]
+    (angle, dy, dx, _), normal = min(fits, key=lambda f: f[0][3])
+    patch = _warp(normal, angle, dy, dx)
+    ring = ndimage.binary_dilation(grown, iterations=3) & ~grown
+    patch *= image[ring].astype(np.float32).mean(0) / np.maximum(patch[ring].mean(0), 1.0)   # the same light
+    alpha = np.clip(ndimage.gaussian_filter(grown.astype(np.float32), FEATHER) * 2, 0, 1)
+    alpha[grown] = 1.0
+    clean = image * (1 - alpha[..., None]) + patch * alpha[..., None]
+    residual = float(np.abs(patch[ring] - image[ring]).mean())
+    return np.clip(np.round(clean), 0, 255).astype(np.uint8), residual
+
+
+def clean_counterpart(image, mask, kind, normals=(), fixed_pose=False) -> tuple:
+    """A real anomaly with its defect removed (reverse synthesis), and how. On an object photographed
+    in a fixed pose (knowledge.json's "pose"), the best-aligned normal image shows what belongs under
+    the defect (a bottle's rim, a cable's wire), which no other part of the same image does. On a
+    texture, an object that turns freely, or without normal images: exemplar fill.
+    Returns (clean, "aligned" | "exemplar")."""
+    if kind == "object" and fixed_pose and len(normals):
+        return aligned_fill(image, mask, normals)[0], "aligned"
+    return exemplar_fill(image, mask), "exemplar"
+
+
+def normal_residual(normals, mask) -> float | None:
+    """How much two normal images of a category differ inside a region once aligned (grey levels):
+    the variation a clean counterpart's fill cannot be expected to beat."""
+    if len(normals) < 2:
+        return None
+    angle, dy, dx, _ = align(normals[0], normals[1])
+    return float(np.abs(_warp(normals[1], angle, dy, dx) - normals[0])[mask].mean())
+
+
+REFERENCE_TONE_GREY = 4.0   # a luminance change inside the defect smaller than this has no tone
+REFERENCE_WHERE = 0.75      # share of references that must touch the outline (or all but this share
+                            # must stay off it) for the place to count as "edge" (or "interior")
+REFERENCE_HUE = 0.6         # the references agree on a hue when their mean chroma keeps 60% of its length
+CALIBRATION_CACHE = Path("runs") / "calibration"
+CALIBRATION_VERSION = 5     # bump when the measurements change, so old caches are not reused
+
+
+def measure_reference(clean, image, mask, kind) -> dict:
+    """What a real defect shows against its clean counterpart, in the judge's own measurements:
+    size (longest side of the mask / image side), elongation, the share on the object and whether it
+    touches the object's outline (of the mask grown by the 2 pixels the fill and the judge's blur
+    add), the mean luminance change (tone), the mean absolute change (contrast) and the edges'
+    steepness inside the mask."""
+    fg = foreground_mask(clean, kind)
+    solid = ndimage.binary_fill_holes(fg)
+    outline = ndimage.binary_dilation(solid & ~ndimage.binary_erosion(solid),
+                                      iterations=max(1, round(2 * mask.shape[0] / 128)))
+    grown = ndimage.binary_dilation(mask, iterations=2)
+    depth = ndimage.distance_transform_edt(fg)
+    change = change_map(clean, image)
+    return {"extent": extent_px(mask) / mask.shape[0], "elongation": elongation(mask),
+            "touches_outline": bool((grown & outline).any()), "on_object": float(fg[grown].mean()),
+            "deep": float(np.mean(depth[grown] >= 2 * mask.shape[0] / 128)),
+            "tone": float(luminance(image)[mask].mean() - luminance(clean)[mask].mean()),
+            "contrast": float(change[mask].mean()), "steepness": contour_steepness(change, mask),
+            "chroma": (image[mask] - image[mask].mean(axis=1, keepdims=True)).mean(0).tolist()}
+
+
+def summarize_references(measured, kind) -> dict:
+    """The expectations the judge takes from a (category, type)'s references: ranges of size and
+    elongation, the place relative to the object, a tone when every reference agrees on one, and the
+    contrast of the faintest and of the median reference."""
+    touching = np.mean([m["touches_outline"] for m in measured])
+    # interior as the judge measures it: nearly all of the defect a few pixels inside the object
+    deep = min(m["deep"] for m in measured)
+    where = ("anywhere" if kind == "texture" else "edge" if touching >= REFERENCE_WHERE
+             else "interior" if touching <= 1 - REFERENCE_WHERE and deep >= 0.95 else "anywhere")
+    tones = [m["tone"] for m in measured]
+    tone = ("darker" if max(tones) < -REFERENCE_TONE_GREY else
+            "brighter" if min(tones) > REFERENCE_TONE_GREY else None)
+    contrasts = [m["contrast"] for m in measured]
+    # a hue when the references agree on one: their mean colour (less its grey) keeps most of its length
+    chromas = np.array([m["chroma"] for m in measured], np.float32)
+    mean_chroma = chromas.mean(0)
+    agree = np.linalg.norm(mean_chroma) >= max(REFERENCE_HUE * np.linalg.norm(chromas, axis=1).mean(), 10.0)
+    return {"n": len(measured), "where": where, "tone": tone,
+            "extent": [min(m["extent"] for m in measured), max(m["extent"] for m in measured)],
+            "elongation": [min(m["elongation"] for m in measured), max(m["elongation"] for m in measured)],
+            "tone_grey": float(min(abs(t) for t in tones)),
+            "on_object": float(min(m["on_object"] for m in measured)),
+            "steepness": max([m["steepness"] for m in measured if m["steepness"] is not None], default=0.0),
+            "contrast": [float(min(contrasts)), float(np.median(contrasts))],
+            "chroma": mean_chroma.tolist() if agree else None}
+
+
+def reference_stats(dataset, categories, cache=CALIBRATION_CACHE) -> dict:
+    """"category/type" -> summarize_references of the type's few-shot references (the first third of
+    its sorted anomalies, docs/METHOD.md 7; never the test two thirds), for the given categories.
+    Computed once per dataset and cached in cache/<dataset>-<hash>.json (the hash covers the root,
+    the image size and the measurements' version); a type without references has no entry, and the
+    judge falls back to knowledge.json."""
+    key = f"{CALIBRATION_VERSION}|{dataset.name}|{dataset.root.resolve()}|{dataset.image_size}"
+    path = Path(cache) / f"{dataset.name}-{stable_seed(key):08x}.json"
+    try:
+        stats = json.loads(path.read_text())
+    except (OSError, ValueError):   # none yet, or cut short: measured again
+        stats = {}
+    missing = [(c, t) for c in categories for t in dataset.types(c) if f"{c}/{t}" not in stats]
+    for cat, t in missing:
+        measured = []
+        normals = [dataset.load(p) for p in dataset.train_good[cat][:ALIGN_NORMALS]]
+        for anomaly in dataset.split(cat, t)[0]:
+            image, mask = dataset.load_anomaly(anomaly)
+            if mask.any():
+                clean, _ = clean_counterpart(image, mask, dataset.kinds[cat], normals, dataset.fixed_pose[cat])
+                measured.append(measure_reference(clean, image, mask, dataset.kinds[cat]))
+        if measured:
+            stats[f"{cat}/{t}"] = summarize_references(measured, dataset.kinds[cat])
+    if missing:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(stats, indent=1, sort_keys=True))
+            tmp.replace(path)
+        except OSError:
+            pass   # an unwritable cache only costs the measuring next time
+    return {k: v for k, v in stats.items() if k.split("/")[0] in categories}
 
 
 # ==============================================================================================
@@ -926,8 +1223,9 @@ class Toolbox:
     `session(task)` gives the per-episode state."""
 
     def __init__(self, enabled=tuple(TOOL_NAMES.values()), knowledge=None, prompt_writer=None,
-                 editor=None, judge=None, segmenter=None):
+                 editor=None, judge=None, segmenter=None, references=None):
         self.enabled = list(enabled)
+        self.references = references or {}   # "category/type" -> reference_stats, for the judge
         self.knowledge = knowledge or KnowledgeBase()
         self.prompt_writer: PromptWriter = prompt_writer or OfflinePromptWriter()
         self.editor: ImageEditor = editor or ProceduralPainter()
@@ -952,10 +1250,16 @@ class Toolbox:
         """Knowledge for the judge and the prompt writer; a type the base lacks gets guessed attributes."""
         item, defect = item_name or task.category, anomaly_type or task.anomaly_type
         try:
-            return self.knowledge.lookup(item, defect, task.dataset)
+            entry = self.knowledge.lookup(item, defect, task.dataset)
         except KnowledgeError:
-            return {"type": normalize_key(defect), "object": f"a {item}", "kind": task.kind,
-                    "attributes": guess_attributes(defect)}
+            entry = {"type": normalize_key(defect), "object": f"a {item}", "kind": task.kind,
+                     "attributes": guess_attributes(defect)}
+        # the dataset's own references of the task's type, where it has them (reference_stats)
+        if (normalize_key(item), normalize_key(defect)) == (task.category, task.anomaly_type):
+            reference = self.references.get(f"{task.category}/{task.anomaly_type}")
+            if reference:
+                entry["reference"] = reference
+        return entry
 
 
 # the backend settings that change what an episode gives (the key's variable and offload do not)
@@ -1130,6 +1434,21 @@ class ToolSession:
         if not mask.any():
             result["message"] = f"no change was found between image 1 and image {k}"
         return result, [self.images[-1]]
+
+
+def offline_notice(dataset_name, toolbox) -> str | None:
+    """One line for the start of a run on real photos whose image editor or judge is an offline
+    stand-in; None on the toy world (built for them) or when both are models."""
+    offline = [name for name, backend, cls in (("image editor (a procedural painter)", toolbox.editor, ProceduralPainter),
+                                               ("judge (image measurements)", toolbox.judge, MeasuredJudge))
+               if isinstance(backend, cls)]
+    if dataset_name == "toy" or not offline:
+        return None
+    return (f"note: the {' and the '.join(offline)} are offline stand-ins, not image or vision-language "
+            f"models: on real photos they paint and measure simple shapes. Real models: {REAL_MODEL_FLAGS}.")
+
+
+REAL_MODEL_FLAGS = "--policy for the agent, and the tool-backend flags that --help lists"
 
 
 # ==============================================================================================

@@ -1141,7 +1141,7 @@ def region_mask(region, shape):
 # score is a product of "floor + share x factor" terms, so one fault alone costs at most its share,
 # and several faults compound (a faint, spilled, pasted-looking defect is not rescued by the rest):
 #
-#   location (0-5) = 5 * on_object * (0.1 + 0.9 * place) * (0.3 + 0.7 * size)
+#   location (0-5) = 5 * on_object * (0.1 + 0.9 * place) * (0.3 + 0.7 * size)   (0.1 + 0.9 * size with references)
 #   quality  (0-5) = 5 * visible * (0.4 + 0.6 * confined) * (0.15 + 0.85 * tone)
 #                      * (0.4 + 0.6 * shape) * (0.45 + 0.55 * blended)
 #   score = location + quality, both rounded to 0.1 first (the paper's rubric: 0-5 + 0-5).
@@ -1157,6 +1157,35 @@ SPREAD_MAX = 0.35              # a change over more than 35% of the image is not
 STEEPNESS = (0.27, 0.08)       # soft types: contour gradient / peak change; blended below 0.19,
                                # pasted-looking at 0.27 and above (hard edges are steep)
 
+# With references (entry["reference"]: the dataset's few-shot real anomalies of the type, measured
+# against their clean counterparts; tools.reference_stats), their statistics replace the hand-set
+# expectations above where a real dataset's defects differ from the toy world's: the size range,
+# the place, the tone, the contrast and the elongation come from what the references show.
+REF_VISIBLE = (0.4, 0.8)       # invisible below 0.4 x the faintest reference's contrast, fully
+                               # visible from 0.8 x the median reference's
+REF_TONE = 0.3                 # the tone counts in full from 0.3 x the weakest reference's change
+                               # (a colour type keeps the knowledge's hue check: luminance is not hue)
+REF_STEEPNESS = 1.1            # a soft type's edges blend in full up to the steepest reference's, +10%
+REF_ON_OBJECT = 0.9            # the share of the change on the object counts in full from 0.9 x the
+                               # references' (the object's outline is estimated, on real photos roughly)
+REF_SIZE_FLOOR = 0.1           # the size term's floor (0.3 without references): the references' size is
+                               # the dataset's own, not a guess, so missing it far costs the pass
+REF_ELONGATION = 1.5           # elongation within the references' range widened by this factor is
+                               # right; the factor falls to 0 at twice that distance
+
+
+def contour_steepness(change, region) -> float | None:
+    """How abruptly a change ends: the mean gradient of the (lightly blurred) change map along the
+    contour at half its peak, over the peak. A pasted patch is steep; a blended stain is not. None
+    when the change has no body to have a contour."""
+    smooth = ndimage.gaussian_filter(change, 0.7)
+    peak = np.percentile(change[region], 90)
+    core = smooth > 0.5 * peak
+    contour = core & ~ndimage.binary_erosion(core)
+    if not contour.any():
+        return None
+    return float(np.hypot(*np.gradient(smooth))[contour].mean() / max(peak, 1e-6))
+
 
 class MeasuredJudge:
     """QE backend: scores an edit by measuring the change between the normal and the edited image.
@@ -1170,6 +1199,11 @@ class MeasuredJudge:
 
     def evaluate(self, normal, edited, kind, entry) -> dict:
         attrs, name = entry["attributes"], entry["type"].replace("_", " ")
+        reference = entry.get("reference")
+        if reference:   # what the dataset's own references show overrides the knowledge's guesses
+            attrs = {**attrs, "where": reference["where"], "extent": reference["extent"]}
+            if reference["tone"] and attrs["tone"] != "colour":
+                attrs["tone"] = reference["tone"]
         side = normal.shape[0]
         scale = side / 128
         d = change_map(normal, edited)
@@ -1190,6 +1224,8 @@ class MeasuredJudge:
 
         # location: on the object, at a plausible place, at a plausible size
         on_object = (changed & fg).sum() / changed.sum()
+        if reference:
+            on_object = min(1.0, on_object / max(REF_ON_OBJECT * reference["on_object"], 0.05))
         faults.append((2.0 * (1 - on_object), f"Part of the change lies on the background; "
                                               f"move it onto {attrs['part']}.", {"part": attrs["part"]}))
         place = 1.0
@@ -1218,11 +1254,15 @@ class MeasuredJudge:
             size_ok = max(0.0, 2 - extent / hi)
             faults.append((1.5 * (1 - size_ok), f"The {name} is too large (about {extent_px(main)} px); "
                                                  f"make it about {good} px.", {"size_px": good}))
-        location = 5 * on_object * (0.1 + 0.9 * place) * (0.3 + 0.7 * size_ok)
+        size_floor = REF_SIZE_FLOOR if reference else 0.3
+        location = 5 * on_object * (0.1 + 0.9 * place) * (size_floor + (1 - size_floor) * size_ok)
 
         # quality: visible, local, the right appearance, blended
         contrast = float(d[main].mean())
         faint, full = VISIBLE_GREY
+        if reference:
+            faint, full = REF_VISIBLE[0] * reference["contrast"][0], REF_VISIBLE[1] * reference["contrast"][1]
+            faint, full = min(faint, VISIBLE_GREY[0]), max(min(full, VISIBLE_GREY[1]), faint + 1)
         visible = float(np.clip((contrast - faint) / (full - faint), 0, 1))
         if visible < 1:   # the extra 1.0 puts a faint defect first in the review, whatever else is wrong
             faults.append((1.5 * (1 - visible) + 1.0, f"The {name} is too faint to see; make it clearly "
@@ -1232,23 +1272,19 @@ class MeasuredJudge:
         confined = float(np.clip(1 - (spill - SPILL[0]) / SPILL[1], 0, 1)) * (changed.mean() < SPREAD_MAX)
         faults.append((1.25 * (1 - confined), "Pixels outside the defect changed as well; keep the "
                                               "rest of the image unchanged.", {"confine": True}))
-        tone_ok = self._tone(normal, edited, main, attrs)
+        tone_ok = self._tone(normal, edited, main, attrs, reference)
         faults.append((0.6 * (1 - tone_ok), self._tone_advice(name, attrs),
                        {"tone": attrs["tone"], **({"colour": attrs["colour"]} if attrs["tone"] == "colour" and attrs["colour"] else {})}))
-        shape_ok = self._shape(main, attrs["shape"], scale)
+        shape_ok = self._shape(main, attrs["shape"], scale, reference)
         faults.append((0.6 * (1 - shape_ok), self._shape_advice(name, attrs["shape"]), {"shape": attrs["shape"]}))
         blended = 1.0
         if attrs["edge"] == "soft":
-            # a pasted patch changes abruptly: the change map is steep along the defect's contour
-            smooth = ndimage.gaussian_filter(d, 0.7)
-            peak = np.percentile(d[main], 90)
-            core = smooth > 0.5 * peak
-            contour = core & ~ndimage.binary_erosion(core)
-            if contour.any():
-                steepness = np.hypot(*np.gradient(smooth))[contour].mean() / max(peak, 1e-6)
-                blended = float(np.clip((STEEPNESS[0] - steepness) / STEEPNESS[1], 0, 1))
-            else:   # no body to blend (a hairline): it cannot read as a soft stain
-                blended = 0.0
+            steepness = contour_steepness(d, main)
+            # the references' own edges, where they are steeper than the hand-set limit, are plausible
+            steep_limit = (max(STEEPNESS[0], REF_STEEPNESS * reference["steepness"] + STEEPNESS[1]) if reference
+                           else STEEPNESS[0])
+            # no body to blend (a hairline, steepness None): it cannot read as a soft stain
+            blended = 0.0 if steepness is None else float(np.clip((steep_limit - steepness) / STEEPNESS[1], 0, 1))
             faults.append((1.5 * (1 - blended), f"The {name} has hard pasted-on edges; blend its "
                                                  "border softly into the surface.", {"edge": "soft"}))
         quality = (5 * visible * (0.4 + 0.6 * confined) * (0.15 + 0.85 * tone_ok)
@@ -1264,10 +1300,15 @@ class MeasuredJudge:
                 "advice": {k: v for _, fix in kept for k, v in fix.items()}}
 
     @staticmethod
-    def _tone(normal, edited, region, attrs) -> float:
+    def _tone(normal, edited, region, attrs, reference=None) -> float:
         before = normal[region].astype(np.float32)
         after = edited[region].astype(np.float32)
         dl = float((luminance(after[None]) - luminance(before[None])).mean())
+        if reference and reference["tone"] and attrs["tone"] != "colour":   # every reference is darker (or brighter) by at least tone_grey
+            need = max(REF_TONE * reference["tone_grey"], 3.0)
+            return float(np.clip((dl if reference["tone"] == "brighter" else -dl) / need, 0, 1))
+        if reference and attrs["tone"] != "colour":   # the references show either tone
+            return 1.0
         if attrs["tone"] == "darker":
             return float(np.clip(-dl / 15, 0, 1))
         if attrs["tone"] == "brighter":
@@ -1282,8 +1323,10 @@ class MeasuredJudge:
         chroma = lambda x: x - x.mean(axis=-1, keepdims=True)
         new_chroma = chroma(after).mean(0)
         moved = float(np.clip(np.linalg.norm(new_chroma - chroma(before).mean(0)) / 20, 0, 1))
-        if attrs["colour"] in COLOURS:
-            want = chroma(np.array(COLOURS[attrs["colour"]], np.float32))
+        want = chroma(np.array(COLOURS[attrs["colour"]], np.float32)) if attrs["colour"] in COLOURS else None
+        if reference:   # the references' own hue where they agree on one, else any new hue
+            want = np.array(reference["chroma"], np.float32) if reference["chroma"] else None
+        if want is not None:
             cos = new_chroma @ want / (np.linalg.norm(new_chroma) * np.linalg.norm(want) + 1e-6)
             return float(np.clip((cos - 0.5) / 0.3, 0, 1)) * moved
         return moved
@@ -1297,8 +1340,13 @@ class MeasuredJudge:
                           f"tint it clearly {attrs['colour'] or 'in another colour'}."}[attrs["tone"]]
 
     @staticmethod
-    def _shape(region, family, scale) -> float:
+    def _shape(region, family, scale, reference=None) -> float:
         el = elongation(region)
+        if reference:
+            lo, hi = reference["elongation"]
+            lo, hi = lo / REF_ELONGATION, hi * REF_ELONGATION
+            off = max(lo / el, el / hi)   # 1 or less inside the range
+            return float(np.clip(2 - off, 0, 1))
         if family in ("line", "crack", "slit"):
             rim = region & ~ndimage.binary_erosion(region)
             width = 2 * region.sum() / max(rim.sum(), 1)     # area / half the perimeter

@@ -181,3 +181,64 @@ def test_atomic_writes_replace_whole_files_and_name_the_file_they_cannot_write(t
     (tmp_path / "file").write_text("in the way")
     with pytest.raises(tools.UserError, match=f"cannot write {tmp_path / 'file' / 'x.png'}: "):
         tools.save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / "file" / "x.png")
+
+
+# ---- real files as they come: normal-only categories, a plain folder of photos, odd formats ------
+
+def test_a_category_with_normal_images_only_gets_its_types_from_the_knowledge_base(mvtec, capsys):
+    for i in range(2):
+        png(mvtec / "cable" / "train" / "good" / f"{i:03d}.png")
+    png(mvtec / "hazelnut" / "test" / "crack" / "000.png")            # anomalies, no normal images
+    png(mvtec / "hazelnut" / "ground_truth" / "crack" / "000_mask.png", mask=True)
+    ds = tools.load_dataset("mvtec", mvtec, size=32)
+    kb_types = sorted(tools.KnowledgeBase().data["mvtec"]["cable"]["types"])
+    assert ds.types("cable") == [] and ds.synthesis_types("cable") == kb_types
+    plan = tools.plan_tasks(ds, "cable,hazelnut", per_type=1)
+    assert sorted(p["anomaly_type"] for p in plan) == kb_types
+    assert "note: hazelnut has no normal images" in capsys.readouterr().out
+    # on-disk types and knowledge types together; an unknown type is accepted with a notice
+    assert "broken_small" in {p["anomaly_type"] for p in tools.plan_tasks(ds, "bottle", per_type=1)}
+    plan = tools.plan_tasks(ds, "cable", "bent_wire,melted_goo", per_type=1)
+    assert [p["anomaly_type"] for p in plan] == ["bent_wire", "melted_goo"]
+    notices = capsys.readouterr().out.splitlines()
+    assert len(notices) == 1 and "knowledge retrieval has nothing for 'melted_goo'" in notices[0]
+    with pytest.raises(tools.UserError, match="no normal images to synthesize on in hazelnut"):
+        tools.plan_tasks(ds, "hazelnut")
+
+
+def test_images_reads_a_plain_folder_of_photos_as_one_category(tmp_path):
+    folder = tmp_path / "my photos"
+    png(folder / "a.png")
+    Image.fromarray(np.full((16, 16), 90, np.uint8)).save(folder / "b.png")                # grey
+    Image.fromarray(np.full((16, 16, 4), 200, np.uint8), "RGBA").save(folder / "c.png")     # RGBA
+    ds = tools.load_dataset("images", folder, size=32, categories="screw")
+    assert ds.categories == ["screw"] and len(ds.train_good["screw"]) == 3
+    assert ds.synthesis_types("screw") == sorted(tools.KnowledgeBase().data["mvtec"]["screw"]["types"])
+    assert [ds.load(p)[0, 0].tolist() for p in ds.train_good["screw"]] == [[128] * 3, [90] * 3, [200] * 3]
+    assert tools.load_dataset("images", folder).categories == ["my_photos"]
+    with pytest.raises(tools.UserError, match="one category"):
+        tools.load_dataset("images", folder, categories="screw,cable")
+    with pytest.raises(tools.UserError, match="no images"):
+        tools.load_dataset("images", tmp_path)
+
+
+def test_16_bit_pngs_are_scaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    image = tools.load_image(tmp_path / "deep.png")
+    assert image.shape == (32, 32, 3) and image[0, 0, 0] == 0 and image[-1, -1, 0] == 255
+    assert abs(image.mean() - 127.5) < 2            # clipping would make almost every pixel 255
+    mask = np.zeros((32, 32), np.uint16)
+    mask[:4] = 65535
+    Image.fromarray(mask).save(tmp_path / "deep_mask.png")
+    assert tools.load_mask(tmp_path / "deep_mask.png").sum() == 4 * 32
+
+
+def test_a_mask_of_another_size_is_a_one_line_error_naming_both_files(mvtec):
+    png(mvtec / "bottle" / "ground_truth" / "broken_large" / "002_mask.png", mask=True, size=24)
+    ds = tools.load_dataset("mvtec", mvtec, size=32)
+    good, bad = ds.anomalies_of("bottle", "broken_large")[1:3]
+    assert ds.load_anomaly(good)[1].shape == (32, 32)
+    with pytest.raises(tools.UserError, match=r"mask .*002_mask.png is 24x24 but its image .*002.png is 16x16"):
+        ds.load_anomaly(bad)

@@ -311,9 +311,36 @@ def test_numeric_flags_are_checked_when_parsed(flags, message):
 def test_sft_bad_input(tmp_path, trajectories, toy_root):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "train.jsonl").write_text("")
-    for args, message in [(["--trajectories", tmp_path / "empty"], "holds no trajectories"),
-                          (["--trajectories", tmp_path / "none"], "run build_trajectories.py first"),
-                          (["--trajectories", trajectories, "--policy", tmp_path], "is not a model")]:
+    for args, message in [(["--trajectories", tmp_path / "empty"], "has no manifest.json"),
+                          (["--trajectories", tmp_path / "none"], "no trajectories in"),
+                          (["--trajectories", trajectories, "--data-root", toy_root, "--policy", tmp_path],
+                           "is not a model")]:
         result = run_script("sft.py", *args, "--out", tmp_path / "o")
         assert result.returncode != 0 and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_sft_trains_only_on_trajectories_of_the_named_data(tmp_path, trajectories, toy_root):
+    """--data and --data-root name the training data: another dataset's trajectories, or none, stop
+    sft.py at once with the command that builds the right ones (nothing is trained or written)."""
+    mvtec = tmp_path / "mvtec" / "bottle" / "train" / "good"
+    mvtec.mkdir(parents=True)
+    tools.save_png(np.zeros((32, 32, 3), np.uint8), mvtec / "000.png")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "train.jsonl").write_text((trajectories / "train.jsonl").read_text())
+    manifest = json.loads((trajectories / "manifest.json").read_text())
+    assert manifest["dataset"] == "toy" and manifest["root"] == str(toy_root.resolve())
+    (elsewhere / "manifest.json").write_text(json.dumps({**manifest, "root": "/another/toy/world"}))
+    build = f"python build_trajectories.py --data mvtec --data-root {tmp_path / 'mvtec'} --out runs/trajectories/mvtec"
+    for args, message in [
+            (["--data", "mvtec", "--data-root", tmp_path / "mvtec"], f"no trajectories in runs/trajectories/mvtec: build them first with: {build}"),
+            (["--data", "mvtec", "--data-root", tmp_path / "mvtec", "--trajectories", trajectories],
+             f"holds trajectories of toy, not of --data mvtec; build those with: {build}"),
+            (["--data-root", toy_root, "--trajectories", elsewhere], "was built from /another/toy/world"),
+            (["--data", "mvtec", "--data-root", tmp_path / "nowhere", "--trajectories", trajectories],
+             "holds trajectories of toy")]:
+        result = run_script("sft.py", *args, "--out", tmp_path / "o", cwd=tmp_path)
+        assert result.returncode != 0 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "o").exists()

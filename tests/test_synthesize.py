@@ -130,7 +130,7 @@ def test_seeds_and_tool_ablations(toy_root, tmp_path):
     (["--data", "mvtec", "--data-root", "/nonexistent/mvtec"], "does not exist"),
     (["--categories", "spaceship"], "unknown category 'spaceship'"),
     (["--tools", "PG,XX"], "unknown tool 'XX'"),
-    (["--categories", "wood", "--types", "scratch,melted"], "no category of wood has the type 'melted'"),
+    (["--data", "cifar"], "--data must be toy, mvtec, visa or images"),
     (["--categories", ""], "--categories is empty"),
     (["--per-type", "0"], "--per-type must be at least 1"),
     (["--size", "16"], "--size must be at least 32"),
@@ -360,3 +360,28 @@ def test_a_failing_server_ends_the_episode_not_the_run(expert_server, toy_root, 
     for r in records(tmp_path / "o"):
         assert r["stop_reason"] == "no_action" and r["turns"][-1]["action"] == "none"
         assert r["num_turns"] == 3 and r["final_image"] is None   # the third request failed
+
+
+def photo(path, seed, side=64):
+    """A stand-in for a user's photo: a lit grey disc on a dark background, with sensor noise."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:side, :side]
+    disc = np.hypot(yy - side / 2 - rng.uniform(-3, 3), xx - side / 2) < side / 3
+    image = np.where(disc[..., None], 170 - 0.6 * yy[..., None], 30) + rng.normal(0, 2, (side, side, 3))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path)
+
+
+def test_own_photos_in_a_plain_folder_any_known_or_named_type(tmp_path):
+    for i in range(2):
+        photo(tmp_path / "photos" / f"IMG_{i}.png", i)
+    result = run_script("synthesize.py", "--data", "images", "--data-root", tmp_path / "photos",
+                        "--categories", "screw", "--types", "scratch_head,melted_goo", "--per-type", "1",
+                        "--size", "64", "--out", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    assert "knowledge retrieval has nothing for 'melted_goo'" in result.stdout
+    assert "stand-ins" in result.stdout.splitlines()[0]   # the offline backends say what they are
+    rs = records(tmp_path / "o")
+    assert sorted(r["anomaly_type"] for r in rs) == ["melted_goo", "scratch_head"]
+    assert all((tmp_path / "o" / r["final_image"]).is_file() for r in rs)

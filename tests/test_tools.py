@@ -319,3 +319,41 @@ def test_model_server_retries_a_503_and_reports_a_401_without_the_key(monkeypatc
         server.shutdown()
     with pytest.raises(tools.UserError, match="openai:<base-url>#<model>"):
         tools.ModelServer("http://no-prefix")
+
+
+def test_references_calibrate_the_judge_and_it_still_fails_what_they_do_not_show(toy, kb, tmp_path):
+    """The judge expects what a type's few-shot references show (the first third of its anomalies):
+    the test two thirds of real anomalies pass against their clean counterparts, a defect moved off
+    the object or painted far larger than the references fails; the statistics are cached."""
+    stats = tools.reference_stats(toy, ["washer"], cache=tmp_path)
+    assert sorted(stats) == [f"washer/{t}" for t in toy.types("washer")]
+    assert len(list(tmp_path.glob("toy-*.json"))) == 1
+    judge = tools.MeasuredJudge()
+    passed, moved = [], []
+    for t in toy.types("washer"):
+        entry = {**kb.lookup("washer", t, "toy"), "reference": stats[f"washer/{t}"]}
+        for anomaly in toy.split("washer", t)[1]:
+            image, mask = toy.load_anomaly(anomaly)
+            clean = tools.exemplar_fill(image, mask)
+            passed.append(judge.evaluate(clean, image, "object", entry)["score"] >= tools.PASS_SCORE)
+            # the same defect moved into a corner of the background, where there is room
+            ys, xs = np.nonzero(ndimage.binary_dilation(mask, iterations=2))
+            fg = tools.foreground_mask(clean, "object")
+            for ty, tx in [(-ys.min(), -xs.min()), (127 - ys.max(), 127 - xs.max()),
+                           (-ys.min(), 127 - xs.max()), (127 - ys.max(), -xs.min())]:
+                if not fg[ys + ty, xs + tx].any():
+                    off = clean.copy()
+                    off[ys + ty, xs + tx] = image[ys, xs]
+                    moved.append(judge.evaluate(clean, off, "object", entry)["score"] < tools.PASS_SCORE)
+                    break
+    assert np.mean(passed) >= 0.9
+    assert len(moved) >= 10 and all(moved)
+    # far off the references' size: a hole three times as large as the largest reference's
+    stats = tools.reference_stats(toy, ["wood"], cache=tmp_path)
+    entry = {**kb.lookup("wood", "hole", "toy"), "reference": stats["wood/hole"]}
+    huge = round(3 * stats["wood/hole"]["extent"][1] * 128)
+    prompt = tools.local_edit_prompt("hole", "the wood", "spot", tone="dark", size_px=huge,
+                                     visibility="clearly visible with high contrast", edges="crisp edges")
+    base = normal(toy, "wood")
+    scores = [judge.evaluate(base, paint(base, prompt, "texture", seed=s), "texture", entry)["score"] for s in range(5)]
+    assert sum(s < tools.PASS_SCORE for s in scores) >= 4, scores
