@@ -24,6 +24,8 @@ def test_rows_are_the_two_tables_with_rl_on_every_seed():
     assert (task_only.beta, task_only.gamma, task_only.seed, task_only.out) == (0, 0, 1, "runs/rl-task-seed1")
     full = rl.get_args(by_key["rl-seed0"]["train"][1:])
     assert (full.beta, full.gamma, full.policy) == (rl.rewards.BETA, rl.rewards.GAMMA, "runs/sft")
+    table = ablations.markdown(rows, {}, ablations.get_args([]), 60)
+    assert table.count("not measured yet") == len(rows)   # the table shows what has been measured
     with pytest.raises(tools.UserError, match="--rl-task: 1 folders for 2"):
         ablations.plan_rows(ablations.get_args(["--rl-task", "runs/a"]))
 
