@@ -13,6 +13,10 @@ Decisions where docs/METHOD.md is terse:
 - Phi depends on what came before, not only on the previous tool ("KR before a failed QE" looks at
   the whole history); malformed turns are not transitions (Phi 0; the well-formed term sees them).
 - The KR bonus is paid once, if any KR call directly follows a failed QE, so it cannot be farmed.
+- R_ref's sum starts from S_0 = 0, so a first attempt that already passes earns what a weak first
+  attempt and a good second one earn together, and is capped at 1: otherwise the reward would pay
+  the agent for failing on purpose. ref_baseline="first" counts from the first attempt instead
+  (improvements from the second attempt on, uncapped), for comparison.
 """
 import tools
 
@@ -28,10 +32,18 @@ def task_reward(traj) -> float:
     return traj["final_score"] / 10
 
 
-def reflection_reward(scores) -> float:
-    """R_ref = sum over attempts m >= 2 of max(0, S_m - S_{m-1}) / 10: only improvements from one
-    attempt to the next count, so a first attempt that is already good loses nothing."""
-    return sum(max(0.0, b - a) for a, b in zip(scores, scores[1:])) / 10
+REF_BASELINES = ("zero", "first")
+
+
+def reflection_reward(scores, baseline="zero") -> float:
+    """R_ref = min(1, sum over attempts m >= 1 of max(0, S_m - S_{m-1}) / 10) with S_0 = 0: a
+    first-try pass at 9 earns 0.9, as 3 -> 9 does, and 5 -> 3 -> 8 earns the cap, 1.
+    baseline="first": sum over m >= 2 only, uncapped (a first-try pass earns 0)."""
+    if baseline not in REF_BASELINES:
+        raise ValueError(f"ref baseline {baseline!r}: expected one of {REF_BASELINES}")
+    if baseline == "first":
+        return sum(max(0.0, b - a) for a, b in zip(scores, scores[1:])) / 10
+    return min(1.0, sum(max(0.0, b - a) for a, b in zip([0.0, *scores], scores)) / 10)
 
 
 def transitions(traj) -> list:
@@ -82,9 +94,9 @@ def behavior_reward(traj, phi_invalid=PHI_INVALID, lambda_kr=LAMBDA_KR, lambda_t
     return max(-1.0, min(1.0, value))
 
 
-def total_reward(traj, alpha=ALPHA, beta=BETA, gamma=GAMMA, **behavior) -> dict:
+def total_reward(traj, alpha=ALPHA, beta=BETA, gamma=GAMMA, ref_baseline="zero", **behavior) -> dict:
     """R = alpha * R_task + beta * R_ref + gamma * R_beh, with each component (for the logs)."""
-    parts = {"task": task_reward(traj), "reflection": reflection_reward(traj["qe_scores"]),
+    parts = {"task": task_reward(traj), "reflection": reflection_reward(traj["qe_scores"], ref_baseline),
              "behavior": behavior_reward(traj, **behavior)}
     parts["total"] = alpha * parts["task"] + beta * parts["reflection"] + gamma * parts["behavior"]
     return parts

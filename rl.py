@@ -73,6 +73,8 @@ def get_args(argv=None):
     reward.add_argument("--lambda-kr", type=float, default=rewards.LAMBDA_KR, help="bonus for KR right after a failed QE")
     reward.add_argument("--lambda-t", type=float, default=rewards.LAMBDA_T, help="penalty per turn beyond --t-max")
     reward.add_argument("--t-max", type=int, default=rewards.T_MAX, help="turns without penalty")
+    reward.add_argument("--ref-baseline", default="zero", choices=rewards.REF_BASELINES,
+                        help="R_ref counts improvements from S_0 = 0 (zero) or only from the first attempt on (first)")
     optim = p.add_argument_group("optimization")
     optim.add_argument("--steps", type=int, default=10, help="GRPO steps (rollout + update)")
     optim.add_argument("--lr", type=float, default=None,
@@ -196,7 +198,8 @@ def rollout(policy, dataset, prompts, group_size, toolbox, max_turns) -> list:
 
 def score(records, args) -> list:
     weights = dict(alpha=args.alpha, beta=args.beta, gamma=args.gamma, phi_invalid=args.phi_invalid,
-                   lambda_kr=args.lambda_kr, lambda_t=args.lambda_t, t_max=args.t_max)
+                   lambda_kr=args.lambda_kr, lambda_t=args.lambda_t, t_max=args.t_max,
+                   ref_baseline=args.ref_baseline)
     return [rewards.total_reward(r, **weights) for r in records]
 
 
@@ -292,13 +295,26 @@ def lr_at(step, lr, args) -> float:
 
 # ---- evaluation, logging and checkpoints --------------------------------------------------------
 
+def standard_error(values) -> float:
+    """The standard error of the mean of independent values (0 for fewer than two)."""
+    return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
+def paired_difference(before, after) -> tuple:
+    """Mean and standard error of after - before over the pairs where both are known (None: an
+    episode without a judged final image has no final QE)."""
+    d = [b - a for a, b in zip(before, after) if a is not None and b is not None]
+    return (float(np.mean(d)) if d else 0.0), standard_error(d)
+
+
 def summarize(records, parts, prefix="") -> dict:
-    """Mean and std of the reward and its components, and the episodes' rates."""
+    """Mean, std and standard error of the reward and its components, and the episodes' rates."""
     out = {}
     for key in ("total", "task", "reflection", "behavior"):
         values = [p[key] for p in parts]
         name = "reward" if key == "total" else key
         out[f"{prefix}{name}_mean"], out[f"{prefix}{name}_std"] = float(np.mean(values)), float(np.std(values))
+    out[f"{prefix}reward_se"] = standard_error([p["total"] for p in parts])
     s = tools.episode_stats(records)
     out.update({f"{prefix}final_qe": s["mean_final_score"], f"{prefix}turns": s["mean_turns"],
                 f"{prefix}well_formed": s["well_formed_turns"], f"{prefix}completed": s["completed"]})
@@ -306,7 +322,9 @@ def summarize(records, parts, prefix="") -> dict:
 
 
 def evaluate(policy, dataset, plan, toolbox, args, temperature=0.0) -> dict:
-    """Episodes on the held-out prompts, greedy unless a temperature is given (benchmarks/heldout.py)."""
+    """Episodes on the held-out prompts, greedy unless a temperature is given (benchmarks/heldout.py).
+    Besides the means it keeps each episode's reward and final QE (eval_episode_rewards,
+    eval_episode_final_qe, in plan order) for paired comparisons on the same prompts."""
     # a swap: the policy plays at the evaluation's temperature while `temperature` keeps the
     # training one, which is put back below
     temperature, policy.temperature = policy.temperature, temperature
@@ -317,7 +335,18 @@ def evaluate(policy, dataset, plan, toolbox, args, temperature=0.0) -> dict:
         records += tools.run_episodes(policy, [tools.make_task(dataset, p) for p in plan[i:i + 32]],
                                       toolbox, args.max_turns)
     policy.temperature = temperature
-    return summarize(records, score(records, args), prefix="eval_")
+    parts = score(records, args)
+    return {**summarize(records, parts, prefix="eval_"), "eval_episode_rewards": [p["total"] for p in parts],
+            "eval_episode_final_qe": [r["final_score"] for r in records]}
+
+
+def paired_gain(before, after) -> dict:
+    """The held-out reward and final QE of `after` minus those of `before` (the SFT policy, step
+    0) on the same prompts, with the standard errors of the paired differences."""
+    out = {}
+    for name, key in (("reward", "eval_episode_rewards"), ("final_qe", "eval_episode_final_qe")):
+        out[f"eval_{name}_gain"], out[f"eval_{name}_gain_se"] = paired_difference(before[key], after[key])
+    return out
 
 
 def plot_curve(metrics, path):
@@ -446,7 +475,8 @@ def main(argv=None):
     if start_step == 0:
         first = evaluate(policy, dataset, held_out, toolbox, args)
         log({"step": 0, **first})
-        print(f"held-out before RL: reward {first['eval_reward_mean']:.3f}, final QE {first['eval_final_qe']}")
+        print(f"held-out before RL: reward {first['eval_reward_mean']:.3f} +- {first['eval_reward_se']:.3f}, "
+              f"final QE {first['eval_final_qe']}")
 
     # the loop: rollout -> rewards -> advantages -> update
     bar = tqdm(range(start_step, args.steps), desc="grpo", initial=start_step, total=args.steps)
@@ -472,8 +502,11 @@ def main(argv=None):
         entry["seconds"] = round(time.time() - started, 1)
         if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             entry.update(evaluate(policy, dataset, held_out, toolbox, args))
-            bar.write(f"step {step + 1}: held-out reward {entry['eval_reward_mean']:.3f}, "
-                      f"final QE {entry['eval_final_qe']}, completed {entry['eval_completed']:.0%}")
+            entry.update(paired_gain(metrics[0], entry))
+            bar.write(f"step {step + 1}: held-out reward {entry['eval_reward_mean']:.3f} "
+                      f"({entry['eval_reward_gain']:+.3f} +- {entry['eval_reward_gain_se']:.3f} paired), final QE "
+                      f"{entry['eval_final_qe']} ({entry['eval_final_qe_gain']:+.2f} +- {entry['eval_final_qe_gain_se']:.2f}), "
+                      f"completed {entry['eval_completed']:.0%}")
         log(entry)
         bar.set_postfix(reward=f"{entry['reward_mean']:.3f}", kl=f"{entry.get('kl', 0):.4f}",
                         kept=entry["groups_kept"])
@@ -486,11 +519,15 @@ def main(argv=None):
     policy.save(out)
     before = next(m for m in metrics if m["step"] == 0)
     after = metrics[-1]
-    summary = {k: {"before": before[k], "after": after[k]} for k in before if k.startswith("eval_")}
+    summary = {k: {"before": before[k], "after": after[k]} for k in before
+               if k.startswith("eval_") and not k.startswith("eval_episode_")}
+    gain = summary["paired_gain"] = paired_gain(before, after)
     tools.write_json(out / "summary.json", summary)
     print(f"saved {out}. Held-out prompts (greedy): mean reward "
-          f"{before['eval_reward_mean']:.3f} -> {after['eval_reward_mean']:.3f}, final QE "
-          f"{before['eval_final_qe']} -> {after['eval_final_qe']}, completed "
+          f"{before['eval_reward_mean']:.3f} -> {after['eval_reward_mean']:.3f} (paired gain "
+          f"{gain['eval_reward_gain']:+.3f} +- {gain['eval_reward_gain_se']:.3f}), final QE "
+          f"{before['eval_final_qe']} -> {after['eval_final_qe']} ({gain['eval_final_qe_gain']:+.2f} "
+          f"+- {gain['eval_final_qe_gain_se']:.2f}), completed "
           f"{before['eval_completed']:.0%} -> {after['eval_completed']:.0%}")
 
 

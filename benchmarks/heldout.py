@@ -7,7 +7,10 @@ reports) and sampled at the training temperature (what GRPO optimizes). Prints a
     python benchmarks/heldout.py openai:http://localhost:8000/v1#runs/rl   # served: vllm serve runs/rl
 
 The prompts are rl.py's validation_prompts (the training categories' test normal images) with the
-same --seed and --eval-per-type, so the greedy column matches rl.py's eval_ numbers.
+same --seed and --eval-per-type, so the greedy column matches rl.py's eval_ numbers. Each reward
+has its standard error, and every policy after the first is compared with the first (runs/sft) on
+the same prompts and decoding: the paired difference of reward and final QE, with its standard
+error (much smaller than the two means' own, since the prompts' difficulty cancels).
 """
 import argparse
 import sys
@@ -42,7 +45,7 @@ def main(argv=None):
     plan = rl.validation_prompts(dataset, args.eval_per_type, args.seed)
     toolbox = tools.make_toolbox(args)
     rl_args = rl.get_args([])   # rl.py's reward weights and --max-turns
-    rows = []
+    rows, first = [], {}
     for path in args.policies:
         started = time.time()
         torch.manual_seed(args.seed)
@@ -53,14 +56,18 @@ def main(argv=None):
             runs.append((f"T={args.temperature:g} x{args.samples}",
                          rl.evaluate(policy, dataset, copies, toolbox, rl_args, args.temperature)))
         for how, s in runs:
-            rows.append((path, how, s))
+            first.setdefault(how, s)
+            rows.append((path, how, s, rl.paired_gain(first[how], s)))
         print(f"{path}: {time.time() - started:.0f} s", file=sys.stderr)
     print(f"\n{len(plan)} held-out prompts (rl.py --seed {args.seed} --eval-per-type {args.eval_per_type})\n")
-    print("| policy | decoding | reward | R_task | R_ref | R_beh | final QE | completed | well-formed turns |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for path, how, s in rows:
-        print(f"| {path} | {how} | {s['eval_reward_mean']:.3f} | {s['eval_task_mean']:.3f} | "
+    print(f"| policy | decoding | reward +- s.e. | vs {args.policies[0]} (paired) | R_task | R_ref | R_beh | "
+          f"final QE | vs {args.policies[0]} (paired) | completed | well-formed turns |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for path, how, s, g in rows:
+        print(f"| {path} | {how} | {s['eval_reward_mean']:.3f} +- {s['eval_reward_se']:.3f} | "
+              f"{g['eval_reward_gain']:+.3f} +- {g['eval_reward_gain_se']:.3f} | {s['eval_task_mean']:.3f} | "
               f"{s['eval_reflection_mean']:.3f} | {s['eval_behavior_mean']:.3f} | {s['eval_final_qe']:.2f} | "
+              f"{g['eval_final_qe_gain']:+.2f} +- {g['eval_final_qe_gain_se']:.2f} | "
               f"{s['eval_completed']:.0%} | {s['eval_well_formed']:.1%} |")
 
 

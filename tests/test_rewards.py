@@ -31,12 +31,34 @@ CANONICAL = ("prompt_gen", "image_gen", ("quality_eval", 3.0), "knowledge_retrie
              ("quality_eval", 7.0), "mask_gen", "answer")
 
 
-def test_reflection_rewards_only_improvements():
-    assert rewards.reflection_reward([3.0, 7.0]) == pytest.approx(0.4)
-    assert rewards.total_reward(trajectory(*CANONICAL, final_score=7.0))["reflection"] == pytest.approx(0.4)
-    assert rewards.reflection_reward([7.0, 3.0]) == 0.0
-    assert rewards.reflection_reward([2.0, 5.0, 4.0, 8.0]) == pytest.approx(0.7)
-    assert rewards.reflection_reward([9.0]) == 0.0 and rewards.reflection_reward([]) == 0.0
+@pytest.mark.parametrize("scores, expected", [
+    ([3.0, 7.0], 0.7), ([9.0], 0.9), ([2.0, 4.0, 9.0], 0.9), ([5.0, 3.0, 8.0], 1.0), ([6.0, 6.0], 0.6),
+    ([], 0.0), ([7.0, 3.0], 0.7), ([0.0, 10.0, 0.0, 10.0], 1.0)])
+def test_reflection_reward_counts_from_zero_and_is_capped(scores, expected):
+    assert rewards.reflection_reward(scores) == pytest.approx(expected)
+
+
+def test_a_first_try_pass_earns_as_much_as_failing_first():
+    first_try = trajectory("prompt_gen", "image_gen", ("quality_eval", 9.0), "mask_gen", "answer", final_score=9.0)
+    detour = trajectory("prompt_gen", "image_gen", ("quality_eval", 3.0), "image_gen", ("quality_eval", 9.0),
+                        "mask_gen", "answer", final_score=9.0)
+    assert rewards.total_reward(first_try)["total"] >= rewards.total_reward(detour)["total"]
+    # the old convention paid 0.6 * 0.2 = 0.12 more for the detour
+    old = {k: rewards.total_reward(t, ref_baseline="first")["total"] for k, t in
+           (("first_try", first_try), ("detour", detour))}
+    assert old["detour"] - old["first_try"] == pytest.approx(0.2 * 0.6)
+
+
+@pytest.mark.parametrize("scores, expected", [
+    ([3.0, 7.0], 0.4), ([9.0], 0.0), ([2.0, 4.0, 9.0], 0.7), ([5.0, 3.0, 8.0], 0.5), ([6.0, 6.0], 0.0),
+    ([], 0.0), ([2.0, 5.0, 4.0, 8.0], 0.7), ([0.0, 10.0, 0.0, 10.0], 2.0)])
+def test_ref_baseline_first_keeps_the_old_values(scores, expected):
+    assert rewards.reflection_reward(scores, baseline="first") == pytest.approx(expected)
+
+
+def test_an_unknown_ref_baseline_is_refused():
+    with pytest.raises(ValueError, match="ref baseline"):
+        rewards.reflection_reward([3.0], baseline="last")
 
 
 def test_task_reward_is_the_answered_score_and_zero_without_an_answer():
@@ -91,5 +113,6 @@ def test_turn_penalty_kr_bonus_well_formedness_and_clipping():
 def test_total_is_the_weighted_sum_and_weights_ablate():
     t = trajectory(*CANONICAL, final_score=7.0)
     parts = rewards.total_reward(t)
-    assert parts["total"] == pytest.approx(0.6 * 0.7 + 0.2 * 0.4 + 0.2 * 1.0)
+    assert parts["total"] == pytest.approx(0.6 * 0.7 + 0.2 * 0.7 + 0.2 * 1.0)
+    assert rewards.total_reward(t, ref_baseline="first")["total"] == pytest.approx(0.6 * 0.7 + 0.2 * 0.4 + 0.2 * 1.0)
     assert rewards.total_reward(t, beta=0, gamma=0)["total"] == pytest.approx(0.6 * 0.7)

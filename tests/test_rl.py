@@ -138,7 +138,7 @@ def tiny_args(model, toy_root, out, *extra):
 
 def test_rl_smoke_and_ablation_flags(tiny_model_dir, toy_root, tmp_path):
     for name, flags in [("default", []), ("task-only", ["--beta", "0", "--gamma", "0"]),
-                        ("no-kr", ["--tools", "PG,IG,QE,MG"])]:
+                        ("no-kr", ["--tools", "PG,IG,QE,MG"]), ("old-ref", ["--ref-baseline", "first"])]:
         out = tmp_path / name
         result = run_script("rl.py", *tiny_args(tiny_model_dir, toy_root, out, "--steps", "2", *flags))
         assert result.returncode == 0, result.stderr
@@ -146,12 +146,33 @@ def test_rl_smoke_and_ablation_flags(tiny_model_dir, toy_root, tmp_path):
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [m["step"] for m in metrics] == [0, 1, 2]
         assert {"reward_mean", "task_std", "behavior_mean", "final_qe", "turns", "well_formed", "groups_kept",
-                "seconds", "eval_reward_mean"} <= set(metrics[-1])
+                "seconds", "eval_reward_mean", "eval_reward_se", "eval_reward_gain", "eval_reward_gain_se",
+                "eval_final_qe_gain_se"} <= set(metrics[-1])
+        assert len(metrics[0]["eval_episode_rewards"]) == len(metrics[-1]["eval_episode_rewards"])
+        summary = json.loads((out / "summary.json").read_text())
+        assert set(summary["paired_gain"]) == {"eval_reward_gain", "eval_reward_gain_se", "eval_final_qe_gain",
+                                               "eval_final_qe_gain_se"}
         assert (out / "reward_curve.png").stat().st_size > 0 and (out / "run_config.json").exists()
         assert tools.VLMPolicy.load(out).model is not None
         assert [m["lr"] for m in metrics[1:]] == pytest.approx([3e-5 / 4, 3e-5 / 2])   # tiny lr, warming up
     config = json.loads((tmp_path / "no-kr" / "run_config.json").read_text())
     assert config["tools"] == "PG,IG,QE,MG"
+
+
+def test_paired_difference_and_standard_errors():
+    assert rl.standard_error([1.0, 3.0]) == pytest.approx(1.0) and rl.standard_error([2.0]) == 0.0
+    # the same prompts: a shared offset cancels, so the paired s.e. is that of the differences only
+    mean, se = rl.paired_difference([0.5, 0.9, 0.2, 0.7], [0.6, 1.0, 0.3, 0.8])
+    assert mean == pytest.approx(0.1) and se == pytest.approx(0.0, abs=1e-12)
+    mean, se = rl.paired_difference([8.0, None, 6.0], [9.0, 7.0, None])   # pairs with a missing QE drop out
+    assert mean == 1.0 and se == 0.0
+
+
+def test_ref_baseline_flag_reaches_the_reward():
+    record = {"answer": {"final_image_index": 2}, "final_score": 9.0, "qe_scores": [9.0], "turns": [],
+              "messages": [{"role": "system", "content": ""}], "format_valid": True}
+    for flag, expected in (("zero", 0.9), ("first", 0.0)):
+        assert rl.score([record], rl.get_args(["--ref-baseline", flag]))[0]["reflection"] == pytest.approx(expected)
 
 
 def test_learning_rate_warms_up_then_stays():
