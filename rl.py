@@ -24,9 +24,17 @@ score. OUT gets metrics.jsonl (one line per step), reward_curve.png, run_config.
 checkpoint.pt (every --save-every steps; --resume continues from it) and, at the end, the model
 (--policy OUT in synthesize.py) and summary.json.
 
-Simplifies: the policy's replies are stored as text and re-tokenized for training, so a turn is
-scored in the tokenizer's canonical split of the text the policy sampled; the old log-probs are
-recomputed by a forward pass at the start of the update, not kept from sampling.
+Where this departs from textbook GRPO (each a choice, and why):
+- advantages are normalized by the group's standard deviation, and groups whose rewards are all
+  equal (no signal) are dropped from the update rather than kept with advantage 0;
+- the loss is a token mean over each mini-batch's policy-written tokens (not a per-sequence mean), so
+  a long turn weighs as much per token as a short one;
+- the KL to the frozen SFT policy is the k3 estimator, uncapped (a cap let one seed drift away from
+  the SFT format; README);
+- the old log-probs are recomputed by a forward pass at the start of the update, not kept from
+  sampling; and the policy's replies are stored as text and re-tokenized, so a turn is scored in the
+  tokenizer's canonical split of the text the policy sampled;
+- log-probs come from temperature-scaled logits, the distribution the rollout sampled from.
 """
 import argparse
 import copy
@@ -205,12 +213,12 @@ def score(records, args) -> list:
 
 # ---- GRPO ---------------------------------------------------------------------------------------
 
-def grpo_advantages(rewards_, group_size, judged=None, eps=1e-6):
+def grpo_advantages(episode_rewards, group_size, judged=None, eps=1e-6):
     """A_i = (R_i - mean(R)) / (std(R) + eps) within each consecutive group of group_size, over the
     group's judged episodes (judged=False: its judge failed, so its reward means nothing and it is
     left out, keep=False); groups whose rewards are all equal get advantage 0 and keep=False (they
     would only add noise)."""
-    r = torch.as_tensor(rewards_, dtype=torch.float64).view(-1, group_size)
+    r = torch.as_tensor(episode_rewards, dtype=torch.float64).view(-1, group_size)
     ok = torch.ones_like(r, dtype=torch.bool) if judged is None else torch.as_tensor(judged).view(-1, group_size)
     n = ok.sum(dim=1, keepdim=True).clamp(min=1)
     mean = (r * ok).sum(dim=1, keepdim=True) / n
@@ -229,9 +237,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef):
     """-mean over masked tokens of  min(rho A, clip(rho, 1 - eps, 1 + eps) A) - kl_coef * KL_k3,
     rho = exp(logp - old_logp), KL_k3 = exp(ref - logp) - (ref - logp) - 1 (unbiased, >= 0).
     logp, old_logp, ref_logp, mask: (batch, tokens); advantages: (batch,), one per trajectory."""
-    a = advantages[:, None]
+    adv = advantages[:, None]
     rho = torch.exp(logp - old_logp)
-    surrogate = torch.minimum(rho * a, torch.clamp(rho, 1 - clip_eps, 1 + clip_eps) * a)
+    surrogate = torch.minimum(rho * adv, torch.clamp(rho, 1 - clip_eps, 1 + clip_eps) * adv)
     log_ratio = ref_logp - logp
     kl = torch.exp(log_ratio) - log_ratio - 1
     n = mask.sum().clamp(min=1)
@@ -467,8 +475,8 @@ def main(argv=None):
     metrics = read_metrics(out / "metrics.jsonl", start_step if state is not None else -1)
     tools.write_json(out / "run_config.json", {**vars(args), "lr": lr})   # config.json is the model's
 
-    def log(entry):
-        metrics.append(entry)
+    def log(row):
+        metrics.append(row)
         tools.write_atomic(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
         plot_curve(metrics, out / "reward_curve.png")
 
@@ -491,25 +499,25 @@ def main(argv=None):
         step_lr = lr_at(step, lr, args)
         for group in optimizer.param_groups:
             group["lr"] = step_lr
-        entry = {"step": step + 1, **summarize(records, parts), "groups_kept": int(keep.view(-1, args.group_size).any(1).sum()),
+        row = {"step": step + 1, **summarize(records, parts), "groups_kept": int(keep.view(-1, args.group_size).any(1).sum()),
                  "judge_failed": judged.count(False), "lr": step_lr}
         if buffer:
             try:
-                entry.update(update(policy, reference, optimizer, params, buffer, args, autocast))
+                row.update(update(policy, reference, optimizer, params, buffer, args, autocast))
             except FloatingPointError as e:
                 raise tools.UserError(f"step {step + 1}: {e}; the step is not applied and the last "
                                       f"good checkpoint ({out / 'checkpoint.pt'}) is kept; lower --lr") from None
-        entry["seconds"] = round(time.time() - started, 1)
+        row["seconds"] = round(time.time() - started, 1)
         if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            entry.update(evaluate(policy, dataset, held_out, toolbox, args))
-            entry.update(paired_gain(metrics[0], entry))
-            bar.write(f"step {step + 1}: held-out reward {entry['eval_reward_mean']:.3f} "
-                      f"({entry['eval_reward_gain']:+.3f} +- {entry['eval_reward_gain_se']:.3f} paired), final QE "
-                      f"{entry['eval_final_qe']} ({entry['eval_final_qe_gain']:+.2f} +- {entry['eval_final_qe_gain_se']:.2f}), "
-                      f"completed {entry['eval_completed']:.0%}")
-        log(entry)
-        bar.set_postfix(reward=f"{entry['reward_mean']:.3f}", kl=f"{entry.get('kl', 0):.4f}",
-                        kept=entry["groups_kept"])
+            row.update(evaluate(policy, dataset, held_out, toolbox, args))
+            row.update(paired_gain(metrics[0], row))
+            bar.write(f"step {step + 1}: held-out reward {row['eval_reward_mean']:.3f} "
+                      f"({row['eval_reward_gain']:+.3f} +- {row['eval_reward_gain_se']:.3f} paired), final QE "
+                      f"{row['eval_final_qe']} ({row['eval_final_qe_gain']:+.2f} +- {row['eval_final_qe_gain_se']:.2f}), "
+                      f"completed {row['eval_completed']:.0%}")
+        log(row)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row.get('kl', 0):.4f}",
+                        kept=row["groups_kept"])
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             save_checkpoint(out, policy, optimizer, step + 1)
 

@@ -314,11 +314,11 @@ def cut_metrics(path, upto) -> None:
     tools.write_atomic(path, "".join(kept))
 
 
-def append_metrics(path, entry) -> None:
+def append_metrics(path, row) -> None:
     """One line per step, on disk as soon as the step ends."""
     try:
         with open(path, "a") as log:
-            log.write(json.dumps(entry) + "\n")
+            log.write(json.dumps(row) + "\n")
     except OSError as e:
         raise tools.UserError(f"cannot write {path}: {e.strerror or e}") from None
 
@@ -398,12 +398,12 @@ def main(argv=None):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
-        entry = {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+        row = {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                  "seconds": round(time.time() - start, 1)}
         if (step + 1) % args.eval_every == 0 or step + 1 == total_steps:
-            entry["val_loss"] = validation_loss(policy, val, args.micro_batch, autocast)
-            bar.write(f"step {step + 1}: validation loss {entry['val_loss']:.3f}")
-        append_metrics(log, entry)
+            row["val_loss"] = validation_loss(policy, val, args.micro_batch, autocast)
+            bar.write(f"step {step + 1}: validation loss {row['val_loss']:.3f}")
+        append_metrics(log, row)
         if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             save_checkpoint(out, policy, optimizer, scheduler, step + 1, use_lora, rng)
 
