@@ -1,7 +1,8 @@
 """
 tools.py -- everything the stages share, in the order a reader needs it:
 
-  1. Data: the toy world, MVTec-AD and VisA behind one small interface
+  1. Data: the toy world, MVTec-AD, VisA and a folder of photos behind one small interface; clean
+     counterparts of real anomalies, and the statistics of a type's few-shot references
   2. Knowledge: the knowledge base (knowledge.json), and attributes guessed for unknown types
   3. The tools: their schemas, one small interface per backend (PromptWriter, ImageEditor, Judge,
      Segmenter), the real-model backends (diffusers editors, vision-language judges and prompt
