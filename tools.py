@@ -1446,10 +1446,8 @@ def offline_notice(dataset_name, toolbox) -> str | None:
     if dataset_name == "toy" or not offline:
         return None
     return (f"note: the {' and the '.join(offline)} are offline stand-ins, not image or vision-language "
-            f"models: on real photos they paint and measure simple shapes. Real models: {REAL_MODEL_FLAGS}.")
-
-
-REAL_MODEL_FLAGS = "--policy for the agent, and the tool-backend flags that --help lists"
+            f"models: on real photos they paint and measure simple shapes. Real models: --ig diffusers:<model> "
+            f"or openai:<url>#<model>, --qe and --pg vlm:<model> or openai:<url>#<model> (README: With real models).")
 
 
 # ==============================================================================================
