@@ -1702,7 +1702,7 @@ def format_stats(s) -> str:
 
 def system_tools(messages) -> list:
     """The tool names listed in a conversation's system prompt."""
-    found = re.search(r"<tools>\n(.*)\n</tools>", messages[0]["content"], re.S)
+    found = re.search(r"<tools>\n(.*)\n</tools>", message_text(messages[0]), re.S)
     return [json.loads(line)["function"]["name"] for line in found.group(1).split("\n")] if found else []
 
 
