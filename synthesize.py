@@ -419,6 +419,10 @@ def main(argv=None):
     if not args.temperature >= 0:
         raise tools.UserError(f"--temperature must be at least 0 (0: greedy), not {args.temperature}")
     dataset = tools.load_dataset(args.data, args.data_root, args.size, categories=args.categories)
+    toolbox = tools.make_toolbox(args, args.tools.split(","))
+    notice = tools.offline_notice(dataset.name, toolbox)
+    if notice:   # first, before anything else is said about the run
+        print(notice)
     out = Path(args.out)
     tasks = tools.plan_tasks(dataset, args.categories, args.types, args.per_type, args.seed)
     config, done = prepare_out(out, args, dataset)
@@ -426,12 +430,8 @@ def main(argv=None):
     print(f"{len(tasks)} samples on {dataset.name} ({len(tasks) - len(todo)} already in {out}, "
           f"{len(todo)} to make)")
 
-    toolbox = tools.make_toolbox(args, args.tools.split(","))
     if args.references == "on":
         toolbox.references = tools.reference_stats(dataset, sorted({t["category"] for t in tasks}))
-    notice = tools.offline_notice(dataset.name, toolbox)
-    if notice:
-        print(notice)
     if args.method == "agent":
         policy = tools.load_policy(args.policy, seed=args.seed, device=args.device, temperature=args.temperature)
     tools.write_json(out / "config.json", config)

@@ -134,7 +134,9 @@ def test_the_saved_chat_template_gives_the_tokens_the_policy_trains_on(trajector
                              max_new_tokens=12, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)
     new = out[0, ids.shape[1]:].tolist()
-    reply = tokenizer.decode(new[:new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new)
+    # decoded as the wrapper decodes a reply: up to the turn's end, special tokens dropped
+    reply = tokenizer.decode(new[:new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new,
+                             skip_special_tokens=True)
     assert reply == policy.act([live[0][:2]])[0]
 
 
