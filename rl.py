@@ -400,15 +400,7 @@ def resume_state(out, args):
         return None
     if not args.resume:
         raise tools.UserError(f"{out} holds a run: pass --resume to continue it, or another --out")
-    if (out / "run_config.json").is_file():
-        try:
-            saved = json.loads((out / "run_config.json").read_text())
-        except ValueError:
-            raise tools.UserError(f"{out / 'run_config.json'} is corrupt; pass another --out") from None
-        changed = [f"--{k.replace('_', '-')} {saved[k]} -> {v}" for k, v in vars(args).items()
-                   if k not in RESUMABLE and k in saved and v is not None and saved[k] != v]
-        if changed:
-            raise tools.UserError(f"--resume: {out} was run with other settings ({'; '.join(changed)})")
+    tools.refuse_changed_settings(out, args, RESUMABLE)
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     if state["step"] >= args.steps:
         raise tools.UserError(f"--resume: the run in {out} is finished (step {state['step']} of --steps "

@@ -237,15 +237,7 @@ def resumes_checkpoint(out, args) -> bool:
         return False
     if not args.resume:
         raise tools.UserError(f"{out} holds a checkpoint: pass --resume to continue it, or another --out")
-    if (out / "run_config.json").exists():
-        try:
-            saved = json.loads((out / "run_config.json").read_text())
-        except ValueError:
-            raise tools.UserError(f"{out / 'run_config.json'} is corrupt; pass another --out") from None
-        changed = [f"--{k.replace('_', '-')} {saved[k]} -> {v}" for k, v in vars(args).items()
-                   if k not in RESUMABLE and k in saved and v is not None and saved[k] != v]
-        if changed:
-            raise tools.UserError(f"--resume: {out} was run with other settings ({'; '.join(changed)})")
+    tools.refuse_changed_settings(out, args, RESUMABLE)
     return True
 
 

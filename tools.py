@@ -137,6 +137,23 @@ def write_json(path, value) -> None:
     write_atomic(path, json.dumps(value, indent=1))
 
 
+def refuse_changed_settings(out, args, may_change) -> None:
+    """--resume continues a run only with the settings OUT/run_config.json saved; the flags named
+    in may_change (device, logging cadence, ...) are free to differ. Otherwise one line names each
+    changed flag."""
+    path = Path(out) / "run_config.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError:
+        raise UserError(f"{path} is corrupt; pass another --out") from None
+    changed = [f"--{k.replace('_', '-')} {saved[k]} -> {v}" for k, v in vars(args).items()
+               if k not in may_change and k in saved and v is not None and saved[k] != v]
+    if changed:
+        raise UserError(f"--resume: {out} was run with other settings ({'; '.join(changed)})")
+
+
 @dataclass(frozen=True)
 class Anomaly:
     image: Path
