@@ -57,8 +57,6 @@ def get_args(argv=None):
     p.add_argument("--ran-out-prob", type=float, default=0.25,
                    help="chance of an extra trajectory whose --n-max attempts all fail (0: passing ends only)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of anomalies held out for validation")
-    p.add_argument("--references", default="on", choices=["on", "off"],
-                   help="on: the judge expects what the dataset's few-shot references show (off: knowledge.json)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many anomalies (quick runs)")
     p.add_argument("--out", default=None, help="output folder (default: runs/trajectories/<data>)")
     p.add_argument("--format", default="trl", help="trl (always written), or llamafactory: also the sharegpt form")
@@ -273,9 +271,7 @@ def main(argv=None):
                               f"{dataset.root}: trajectories are built from real anomalies")
     rng = np.random.default_rng(args.seed)
     anomalies = [anomalies[i] for i in rng.permutation(len(anomalies))][:args.limit]
-    toolbox = tools.make_toolbox(args)
-    if args.references == "on":
-        toolbox.references = tools.reference_stats(dataset, categories)
+    toolbox = tools.make_toolbox(args, dataset=dataset, categories=categories)
     notice = tools.offline_notice(dataset.name, toolbox)
     if notice:
         print(notice)

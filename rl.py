@@ -449,7 +449,8 @@ def main(argv=None):
 
     # setup: data, tools, the policy with its reference, the optimizer
     dataset = tools.load_dataset(args.data, args.data_root, args.size)
-    toolbox = tools.make_toolbox(args, tools.parse_tools_flag(args.tools))
+    toolbox = tools.make_toolbox(args, tools.parse_tools_flag(args.tools), dataset=dataset,
+                                 categories=dataset.train_categories)
     pool = prompt_pool(dataset, args.seed)
     if args.prompts_per_step > len(pool):
         raise tools.UserError(f"--prompts-per-step must be at most {len(pool)} (the prompt pool of "

@@ -208,7 +208,7 @@ def rollout_evaluation(policy, args, dataset):
     plan = tools.plan_tasks(dataset, per_type=args.rollouts, seed=args.seed)
     policy.model.eval()
     policy.temperature = 0.0   # greedy: the policy's best guess at every turn
-    records, toolbox = [], tools.make_toolbox(args)
+    records, toolbox = [], tools.make_toolbox(args, dataset=dataset, categories=dataset.eval_categories)
     for i in tqdm(range(0, len(plan), 16), desc="rollout evaluation"):
         tasks = [tools.make_task(dataset, t) for t in plan[i:i + 16]]
         records += tools.run_episodes(policy, tasks, toolbox, args.max_turns)

@@ -73,9 +73,6 @@ def get_args(argv=None):
     agent.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where a model policy runs")
     agent.add_argument("--tools", default="PG,IG,QE,KR,MG", help="tools the agent may call (ablations)")
     agent.add_argument("--max-turns", type=int, default=10, help="turns per episode (paper: 10)")
-    agent.add_argument("--references", default="on", choices=["on", "off"],
-                       help="on: the judge expects what the dataset's few-shot references (the first third "
-                            "of a type's anomalies) show, where it has them; off: what knowledge.json says")
     run = p.add_argument_group("run")
     run.add_argument("--out", default="runs/synth", help="output folder; an existing one is resumed")
     run.add_argument("--layout", default="by-type", help="by-type (<cat>/<type>/image|mask, read by evaluate.py) or mvtec (an MVTec-AD dataset)")
@@ -86,7 +83,7 @@ def get_args(argv=None):
 
 
 # settings that change what a sample looks like: a resumed run must share them
-RUN_SETTINGS = ("data", "data_root", "size", "method", "policy", "temperature", "tools", "max_turns", "references",
+RUN_SETTINGS = ("data", "data_root", "size", "method", "policy", "temperature", "tools", "max_turns",
                 "seed", *tools.BACKEND_SETTINGS, "layout")
 LAYOUTS = ("by-type", "mvtec")
 
@@ -111,9 +108,9 @@ def prepare_out(out, args, dataset):
         except ValueError:
             raise tools.UserError(f"{config_path} is corrupt; pass another --out") from None
         old.setdefault("method", "agent")   # runs made before --method existed were all the agent's
+        old.setdefault("references", "off")   # and before --references, the judge had none
         for k in tools.BACKEND_SETTINGS:    # and before the backend flags, all the offline backends'
             old.setdefault(k, tools.BACKEND_DEFAULTS[k])
-        old.setdefault("references", "off")   # and before --references, the judge had none
         old.setdefault("layout", "by-type")  # and before --layout, all by type
         diff = [f"--{k.replace('_', '-')} {old.get(k)} -> {config[k]}" for k in RUN_SETTINGS
                 if old.get(k) != config[k]]
@@ -419,7 +416,8 @@ def main(argv=None):
     if not args.temperature >= 0:
         raise tools.UserError(f"--temperature must be at least 0 (0: greedy), not {args.temperature}")
     dataset = tools.load_dataset(args.data, args.data_root, args.size, categories=args.categories)
-    toolbox = tools.make_toolbox(args, args.tools.split(","))
+    categories = tools.comma_list(args.categories, "--categories") if args.categories else dataset.eval_categories
+    toolbox = tools.make_toolbox(args, args.tools.split(","), dataset=dataset, categories=categories)
     notice = tools.offline_notice(dataset.name, toolbox)
     if notice:   # first, before anything else is said about the run
         print(notice)
@@ -430,8 +428,6 @@ def main(argv=None):
     print(f"{len(tasks)} samples on {dataset.name} ({len(tasks) - len(todo)} already in {out}, "
           f"{len(todo)} to make)")
 
-    if args.references == "on":
-        toolbox.references = tools.reference_stats(dataset, sorted({t["category"] for t in tasks}))
     if args.method == "agent":
         policy = tools.load_policy(args.policy, seed=args.seed, device=args.device, temperature=args.temperature)
     tools.write_json(out / "config.json", config)

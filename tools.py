@@ -780,9 +780,12 @@ class PromptWriter(Protocol):
 
 class ImageEditor(Protocol):
     """IG: the image edited as the prompt says (HxWx3 uint8, the input's size). region, when the agent
-    gives one, is an [x0, y0, x1, y1] box the edit must stay inside; kind is texture | object."""
+    gives one, is an [x0, y0, x1, y1] box the edit must stay inside; kind is texture | object.
+    expected, where the dataset has references of the task's type, is what they show
+    (summarize_references: "extent" as a share of the side, "where" on the object): an editor that
+    leaves details to chance draws those the prompt leaves open from it."""
     def edit(self, image: np.ndarray, prompt: str, kind: str, rng: np.random.Generator,
-             region=None) -> np.ndarray: ...
+             region=None, expected=None) -> np.ndarray: ...
 
 
 class Judge(Protocol):
@@ -1176,7 +1179,7 @@ class DiffusersEditor(PastingEditor):
         self.pipe.set_progress_bar_config(disable=True)
         self.painter = ProceduralPainter()
 
-    def edit(self, image, prompt, kind, rng, region=None) -> np.ndarray:
+    def edit(self, image, prompt, kind, rng, region=None, expected=None) -> np.ndarray:
         h, w = image.shape[:2]
         side = (self.size, self.size)
         call = {"prompt": prompt, "image": Image.fromarray(image).resize(side, Image.LANCZOS),
@@ -1189,7 +1192,7 @@ class DiffusersEditor(PastingEditor):
             if region is not None:
                 mask = region_mask(region, (h, w))
             else:
-                _, coverage = self.painter.footprint(image, prompt, kind, rng)
+                _, coverage = self.painter.footprint(image, prompt, kind, rng, expected=expected)
                 mask = ndimage.binary_dilation(coverage > 0, iterations=max(2, round(h / 64))) \
                     & foreground_mask(image, kind)
             call["mask_image"] = Image.fromarray(mask.astype(np.uint8) * 255).resize(side, Image.NEAREST)
@@ -1211,7 +1214,7 @@ class ServedEditor(PastingEditor):
         super().__init__(paste_back)
         self.server, self.name = server, f"openai:{server.base_url}#{server.model}"
 
-    def edit(self, image, prompt, kind, rng, region=None) -> np.ndarray:
+    def edit(self, image, prompt, kind, rng, region=None, expected=None) -> np.ndarray:
         reply = self.server.post_form("/images/edits", {"model": self.server.model, "prompt": prompt, "n": "1",
                                                         "response_format": "b64_json"},
                                       {"image": ("image.png", png_bytes(image))})
@@ -1243,7 +1246,7 @@ class Toolbox:
     def __init__(self, enabled=tuple(TOOL_NAMES.values()), knowledge=None, prompt_writer=None,
                  editor=None, judge=None, segmenter=None, references=None):
         self.enabled = list(enabled)
-        self.references = references or {}   # "category/type" -> reference_stats, for the judge
+        self.references = references or {}   # "category/type" -> reference_stats, for the judge and the editor
         self.knowledge = knowledge or KnowledgeBase()
         self.prompt_writer: PromptWriter = prompt_writer or OfflinePromptWriter()
         self.editor: ImageEditor = editor or ProceduralPainter()
@@ -1282,7 +1285,7 @@ class Toolbox:
 
 # the backend settings that change what an episode gives (the key's variable and offload do not)
 BACKEND_DEFAULTS = {"pg": "offline", "qe": "measured", "ig": "procedural", "mg": "difference", "ig_steps": 30,
-                    "ig_size": 512, "ig_guidance": None, "ig_dtype": "auto", "paste_back": True}
+                    "ig_size": 512, "ig_guidance": None, "ig_dtype": "auto", "paste_back": True, "references": "on"}
 BACKEND_SETTINGS = tuple(BACKEND_DEFAULTS)
 
 
@@ -1304,10 +1307,14 @@ def add_backend_flags(parser):
     g.add_argument("--no-paste-back", dest="paste_back", action="store_false",
                    help="keep the editor's whole output, not only the edited region pasted onto the original")
     g.add_argument("--vlm-max-new-tokens", type=int, default=1024, help="vlm: longest reply of a local judge or writer")
+    g.add_argument("--references", default=BACKEND_DEFAULTS["references"], choices=["on", "off"],
+                   help="on: the offline judge expects, and the painter leaves to chance, what the dataset's few-shot "
+                        "references (the first third of each type's anomalies) show; off: knowledge.json alone")
 
 
-def make_toolbox(args, enabled=None, knowledge=None) -> Toolbox:
-    """The Toolbox with the backends add_backend_flags' flags name, for the enabled tools."""
+def make_toolbox(args, enabled=None, knowledge=None, dataset=None, categories=None) -> Toolbox:
+    """The Toolbox with the backends add_backend_flags' flags name, for the enabled tools; with
+    --references on, calibrated on the dataset's references of the categories (default: all)."""
     enabled = list(enabled or TOOL_NAMES.values())
     device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -1332,6 +1339,8 @@ def make_toolbox(args, enabled=None, knowledge=None) -> Toolbox:
         raise UserError(f"--ig {args.ig}: use procedural, diffusers:<hf-id-or-folder> or openai:<base-url>#<model>")
     if args.mg == "edit-mask":
         backends["segmenter"] = EditMaskSegmenter(backends.setdefault("editor", ProceduralPainter()))
+    if dataset is not None and args.references == "on":
+        backends["references"] = reference_stats(dataset, categories or dataset.categories)
     return Toolbox(enabled, knowledge, **backends)
 
 
@@ -1414,8 +1423,9 @@ class ToolSession:
         k = self._image(target_image, want="any")
         if self.sources[k - 1] == "mask":
             raise ToolError(f"image {k} is a mask; edit image 1, the original")
-        return self.add_generated(self.box.editor.edit(self.images[k - 1], prompt, self.task.kind, self.rng, region),
-                                  prompt)
+        expected = self.box.references.get(f"{self.task.category}/{self.task.anomaly_type}")
+        return self.add_generated(self.box.editor.edit(self.images[k - 1], prompt, self.task.kind, self.rng, region,
+                                                       expected), prompt)
 
     def add_generated(self, image, prompt):
         """Number a new generated image. build_trajectories.py also uses it to replay a real

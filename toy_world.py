@@ -915,9 +915,12 @@ class ProceduralPainter:
 
     It reads shape, darkness/colour, contrast, size, stroke width, edge softness and place words.
     Whatever the prompt leaves open is sampled at random, as a real image generator would, so
-    vague prompts give variable results and precise prompts give consistent ones."""
+    vague prompts give variable results and precise prompts give consistent ones. Where the dataset
+    has references of the type (expected: their measured size range, as a share of the side, and
+    their place on the object), an open size is drawn from the references' range and an open place
+    follows theirs: the painter's chance then looks like the dataset's defects, not like any defect."""
 
-    def read(self, prompt, side, rng) -> PaintSpec:
+    def read(self, prompt, side, rng, expected=None) -> PaintSpec:
         whole = prompt.lower()
         # "change only <part> to introduce a <type>: <description>": the look is read from the
         # description, so a type or part name ("missing_wire", "thread") does not override it
@@ -950,7 +953,8 @@ class ProceduralPainter:
         if px:   # clamped: a policy asking for a 10^9-pixel crack gets the largest sensible one
             extent = min(float(px.group(1)), 2.0 * side) * rng.uniform(0.92, 1.08)
         else:
-            lo, hi = next((r for w, r in words.items() if _has(text, w)), (0.04, 0.5))
+            lo, hi = next((r for w, r in words.items() if _has(text, w)),
+                          expected["extent"] if expected else (0.04, 0.5))
             extent = rng.uniform(lo, hi) * side
         scale = side / 128
         if _has(text, "hairline|thin|fine|narrow"):
@@ -980,19 +984,21 @@ class ProceduralPainter:
             place = next((p for p in ("top-left", "top-right", "bottom-left", "bottom-right",
                                       "center", "centre", "middle", "top", "bottom", "left", "right")
                           if _has(whole, p)), None)
+            if place is None and expected and expected["where"] in ("edge", "interior"):
+                place = expected["where"]   # as the references lie: on the outline, or inside the object
         colour = COLOURS[colour_word] if colour_word else None
         return PaintSpec(family, tone, colour, float(strength), float(max(extent, 2.0)),
                          float(min(width, side / 4)), soft, place)
 
-    def edit(self, image, prompt, kind, rng, region=None) -> np.ndarray:
-        spec, alpha = self.footprint(image, prompt, kind, rng, region)
+    def edit(self, image, prompt, kind, rng, region=None, expected=None) -> np.ndarray:
+        spec, alpha = self.footprint(image, prompt, kind, rng, region, expected)
         return self._apply(image, spec, alpha, rng)
 
-    def footprint(self, image, prompt, kind, rng, region=None):
+    def footprint(self, image, prompt, kind, rng, region=None, expected=None):
         """What the prompt asks for and where it goes: the spec and the defect's coverage (HxW,
         0-1), kept on the object and inside the region. A mask-based editor paints into it too."""
         side = image.shape[0]
-        spec = self.read(prompt, side, rng)
+        spec = self.read(prompt, side, rng, expected)
         fg = foreground_mask(image, kind)
         support = fg.copy()
         if spec.place in ("interior", "rim", "inside") and kind == "object":

@@ -43,7 +43,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     dataset = tools.load_dataset("toy")
     plan = rl.validation_prompts(dataset, args.eval_per_type, args.seed)
-    toolbox = tools.make_toolbox(args)
+    toolbox = tools.make_toolbox(args, dataset=dataset, categories=dataset.train_categories)
     rl_args = rl.get_args([])   # rl.py's reward weights and --max-turns
     rows, first = [], {}
     for path in args.policies:

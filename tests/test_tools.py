@@ -174,6 +174,47 @@ def test_samples_of_one_prompt_differ_in_place_shape_and_size(toy):
     assert max(sizes) > 1.5 * min(sizes)
 
 
+def test_painter_draws_what_the_prompt_leaves_open_from_the_references(toy):
+    img = normal(toy, "bottle")
+    side = img.shape[0]
+    solid = ndimage.binary_fill_holes(tools.foreground_mask(img, "object"))
+    outline = ndimage.binary_dilation(solid & ~ndimage.binary_erosion(solid), iterations=2)
+    painter = tools.ProceduralPainter()
+    extents = {}
+    for expected in ({"extent": [0.30, 0.36], "where": "edge"}, {"extent": [0.08, 0.10], "where": "interior"}):
+        sizes = []
+        for seed in range(5):
+            out = painter.edit(img, "a clearly visible dark round spot", "object", np.random.default_rng(seed),
+                               expected=expected)
+            region = change(img, out)
+            sizes.append(tools.extent_px(region) / side)
+            assert bool((region & outline).any()) == (expected["where"] == "edge")
+        # the painted footprint measures a little larger than the drawn extent (its rough outline, the blur)
+        assert expected["extent"][0] * 0.8 <= np.median(sizes) <= expected["extent"][1] * 1.5
+        extents[expected["where"]] = sizes
+    assert min(extents["edge"]) > max(extents["interior"])
+    # what the prompt says wins over the references
+    out = painter.edit(img, "a clearly visible dark round spot about 10 pixels across", "object",
+                       np.random.default_rng(0), expected={"extent": [0.30, 0.36], "where": "edge"})
+    assert tools.extent_px(change(img, out)) <= 16
+
+
+def test_the_session_gives_the_editor_its_types_references(toy):
+    seen = []
+
+    class Recorder(tools.ProceduralPainter):
+        def edit(self, image, prompt, kind, rng, region=None, expected=None):
+            seen.append(expected)
+            return super().edit(image, prompt, kind, rng, region, expected)
+
+    reference = {"extent": [0.2, 0.25], "where": "anywhere"}
+    task = tools.make_task(toy, tools.plan_tasks(toy, "bottle", per_type=1)[0])
+    box = tools.Toolbox(editor=Recorder(), references={f"bottle/{task.anomaly_type}": reference})
+    box.session(task).call("image_gen", {"prompt": "a dark spot", "target_image": 1})
+    tools.Toolbox(editor=Recorder()).session(task).call("image_gen", {"prompt": "a dark spot", "target_image": 1})
+    assert seen == [reference, None]
+
+
 # ---- quality evaluation ----------------------------------------------------------------------------
 
 def judge(img, out, kind, kb, cat, t):
@@ -302,3 +343,13 @@ def test_model_server_retries_a_503_and_reports_a_401_without_the_key(monkeypatc
         server.shutdown()
     with pytest.raises(tools.UserError, match="openai:<base-url>#<model>"):
         tools.ModelServer("http://no-prefix")
+
+
+def test_every_stage_calibrates_its_toolbox_unless_told_off(toy):
+    import argparse
+    parser = argparse.ArgumentParser()
+    tools.add_backend_flags(parser)
+    on = tools.make_toolbox(parser.parse_args([]), dataset=toy, categories=["bottle"])
+    assert set(on.references) == {f"bottle/{t}" for t in toy.types("bottle")}
+    off = tools.make_toolbox(parser.parse_args(["--references", "off"]), dataset=toy, categories=["bottle"])
+    assert off.references == {}
