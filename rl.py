@@ -554,7 +554,8 @@ def main(argv=None):
 
     # save the trained policy as a plain model, and say what RL changed on held-out prompts
     if not tools.is_main():
-        return   # rank 0 saves; the other ranks are done
+        tools.leave()   # waits there while rank 0 saves
+        return
     if use_lora:
         policy.model = policy.model.merge_and_unload()
     policy.save(out)
@@ -570,6 +571,7 @@ def main(argv=None):
           f"{before['eval_final_qe']} -> {after['eval_final_qe']} ({gain['eval_final_qe_gain']:+.2f} "
           f"+- {gain['eval_final_qe_gain_se']:.2f}), completed "
           f"{before['eval_completed']:.0%} -> {after['eval_completed']:.0%}")
+    tools.leave()
 
 
 if __name__ == "__main__":

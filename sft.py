@@ -438,7 +438,8 @@ def main(argv=None):
 
     # save the final model (LoRA merged in, so every stage loads a plain model) and evaluate it
     if not tools.is_main():
-        return   # rank 0 saves and evaluates; the other ranks are done
+        tools.leave()   # waits there while rank 0 saves and evaluates
+        return
     if use_lora:
         policy.model = policy.model.merge_and_unload()
     policy.save(out)
@@ -450,6 +451,7 @@ def main(argv=None):
               + tools.format_stats(stats))
     else:
         print(f"saved {out}.")
+    tools.leave()
 
 
 if __name__ == "__main__":

@@ -476,7 +476,8 @@ def main(argv=None):
 
     tools.barrier()   # every rank's samples are on disk
     if not tools.is_main():
-        return   # rank 0 writes the one trajectories.jsonl, the summary and the gallery
+        tools.leave()   # waits there while rank 0 writes the one trajectories.jsonl, the summary and the gallery
+        return
     records = list(merge_records(out).values())   # everything in OUT
     if args.method == "agent":
         summary = tools.episode_stats(records)
@@ -489,6 +490,7 @@ def main(argv=None):
     write_overview(out, records)
     print(line)
     print(f"gallery: {out / 'index.html'}")
+    tools.leave()
 
 
 if __name__ == "__main__":

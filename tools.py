@@ -176,9 +176,22 @@ def init_distributed(device) -> None:
     # a rank that finished its share waits for the slowest one (at the end of synthesis, or while
     # rank 0 evaluates): far longer than the default timeout of a collective
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=6))
-    atexit.register(dist.destroy_process_group)
+    atexit.register(_close_process_group)   # after an error: a run that went well calls leave()
     if not is_main():
         sys.stdout = open(os.devnull, "w")
+
+
+def leave() -> None:
+    """The end of a run that went well: every rank waits here until all are done (rank 0 may still
+    be saving), so that none closes its connections while another still uses them."""
+    if world_size() > 1:
+        dist.barrier()
+    _close_process_group()
+
+
+def _close_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:

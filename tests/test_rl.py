@@ -273,6 +273,7 @@ buffer = tools.shard(torch.load({str(tmp_path / "buffer.pt")!r}, weights_only=Fa
 stats = rl.update(policy, reference, torch.optim.SGD(params, lr=args.lr), params, buffer, args, rl.nullcontext)
 if tools.is_main():
     torch.save((stats, {{n: p.detach() for n, p in policy.model.named_parameters() if p.requires_grad}}), sys.argv[1])
+tools.leave()
 """)
     monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path / "one.pt")])
     runpy.run_path(str(script), run_name="__main__")   # without torchrun: one process, this one
