@@ -35,10 +35,21 @@ Where this departs from textbook GRPO (each a choice, and why):
   sampling; and the policy's replies are stored as text and re-tokenized, so a turn is scored in the
   tokenizer's canonical split of the text the policy sampled;
 - log-probs come from temperature-scaled logits, the distribution the rollout sampled from.
+
+Several processes (`torchrun --nproc_per_node N rl.py ...`, README): each rank plays its share of
+the step's prompts, whole groups, so advantages stay within a group, and keeps its own replay
+buffer; every rank's rewards and statistics are gathered for the log, and the held-out prompts are
+shared out and gathered too. Ranks keep different numbers of trajectories (flat groups are
+dropped), so they run different numbers of forward passes, which DistributedDataParallel cannot
+pair up; the gradients are summed once per optimizer step instead. The loss stays the token mean
+of one process over the union of the ranks' mini-batches: each rank divides its summed token loss
+by the mini-batch's token count over all ranks (an all_reduce), and the sum of the ranks'
+gradients (another) is then exactly the gradient of that mean. Rank 0 writes the log and saves.
 """
 import argparse
 import copy
 import json
+import math
 import random
 import sys
 import time
@@ -266,13 +277,18 @@ def update(policy, reference, optimizer, params, buffer, args, autocast):
             for batch in batches:
                 ref.append(policy.token_logprobs(batch, args.temperature)[0])
     policy.model.train()
-    per_step = max(1, args.minibatch // args.micro_batch)
+    # --minibatch counts the trajectories of an optimizer step over all ranks: each rank takes its
+    # share (at least a micro-batch), and all take as many steps as the rank with the most
+    # micro-batches needs (one that has run out adds nothing, but joins the gradient sum)
+    per_step = max(1, args.minibatch // args.micro_batch // tools.world_size())
+    n_steps = math.ceil(max(tools.all_gather(len(micro))) / per_step)
     stats, order = [], list(range(len(micro)))
     for _ in range(args.ppo_epochs):
         random.shuffle(order)
-        for start in range(0, len(order), per_step):
+        for start in range(0, n_steps * per_step, per_step):
             chosen = order[start:start + per_step]
-            n_tokens = sum(float(batches[i]["assistant_mask"][:, 1:].sum()) for i in chosen)
+            # the mini-batch's tokens on every rank
+            n_tokens = tools.all_reduce_sum(sum(float(batches[i]["assistant_mask"][:, 1:].sum()) for i in chosen))
             for i in chosen:
                 with autocast():
                     logp, mask = policy.token_logprobs(batches[i], args.temperature)
@@ -285,15 +301,17 @@ def update(policy, reference, optimizer, params, buffer, args, autocast):
                 # if the mini-batch were one forward pass
                 (loss * float(mask.sum()) / n_tokens).backward()
                 stats.append({**s, "loss": loss.item(), "tokens": float(mask.sum())})
+            tools.sum_gradients(params)   # the whole mini-batch's gradient, on every rank
             norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             if not torch.isfinite(norm):
                 optimizer.zero_grad(set_to_none=True)
                 raise FloatingPointError(f"the gradient norm is {norm.item()}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    total = sum(s["tokens"] for s in stats)
-    return {k: sum(s[k] * s["tokens"] for s in stats) / total for k in ("loss", "kl", "clip_fraction")} | \
-        {"tokens": int(total / args.ppo_epochs)}
+    keys = ("loss", "kl", "clip_fraction")   # token-weighted means over every rank's micro-batches
+    *sums, total = tools.all_reduce_sum([sum(s[k] * s["tokens"] for s in stats) for k in keys]
+                                        + [sum(s["tokens"] for s in stats)])
+    return {k: weighted / total for k, weighted in zip(keys, sums)} | {"tokens": int(total / args.ppo_epochs)}
 
 
 def lr_at(step, lr, args) -> float:
@@ -313,6 +331,15 @@ def paired_difference(before, after) -> tuple:
     episode without a judged final image has no final QE)."""
     d = [b - a for a, b in zip(before, after) if a is not None and b is not None]
     return (float(np.mean(d)) if d else 0.0), standard_error(d)
+
+
+def gather_episodes(records, parts) -> tuple:
+    """Every rank's episode records and reward parts, on every rank, in rank order. The records
+    travel without their images and conversations (but the system prompt, which names the
+    tools): the statistics read neither."""
+    light = [{**{k: v for k, v in r.items() if k != "images"}, "messages": r["messages"][:1]} for r in records]
+    gathered = tools.all_gather((light, parts))
+    return [r for rs, _ in gathered for r in rs], [p for _, ps in gathered for p in ps]
 
 
 def summarize(records, parts, prefix="") -> dict:
@@ -338,12 +365,12 @@ def evaluate(policy, dataset, plan, toolbox, args, temperature=0.0) -> dict:
     temperature, policy.temperature = policy.temperature, temperature
     if hasattr(policy, "model"):   # a served policy has no local model
         policy.model.eval()
-    records = []
-    for i in range(0, len(plan), 32):
-        records += tools.run_episodes(policy, [tools.make_task(dataset, p) for p in plan[i:i + 32]],
+    records, mine = [], tools.shard(plan)   # each rank plays its share of the prompts
+    for i in range(0, len(mine), 32):
+        records += tools.run_episodes(policy, [tools.make_task(dataset, p) for p in mine[i:i + 32]],
                                       toolbox, args.max_turns)
     policy.temperature = temperature
-    parts = score(records, args)
+    records, parts = gather_episodes(records, score(records, args))   # in plan order: shards are contiguous
     return {**summarize(records, parts, prefix="eval_"), "eval_episode_rewards": [p["total"] for p in parts],
             "eval_episode_final_qe": [r["final_score"] for r in records]}
 
@@ -401,7 +428,7 @@ def resume_state(out, args):
     if not args.resume:
         raise tools.UserError(f"{out} holds a run: pass --resume to continue it, or another --out")
     tools.refuse_changed_settings(out, args, RESUMABLE)
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=False, map_location="cpu")
     if state["step"] >= args.steps:
         raise tools.UserError(f"--resume: the run in {out} is finished (step {state['step']} of --steps "
                               f"{args.steps}); pass a larger --steps to train on")
@@ -442,19 +469,24 @@ def read_metrics(path, upto) -> list:
 
 def main(argv=None):
     args = get_args(argv)
+    tools.init_distributed(args.device)   # under torchrun; one process without it
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     out = Path(args.out)
     state = resume_state(out, args)
 
     # setup: data, tools, the policy with its reference, the optimizer
-    dataset = tools.load_dataset(args.data, args.data_root, args.size)
-    toolbox = tools.make_toolbox(args, tools.parse_tools_flag(args.tools), dataset=dataset,
-                                 categories=dataset.train_categories)
+    with tools.main_first():   # rank 0 may generate the toy world and measure its references; the others read them
+        dataset = tools.load_dataset(args.data, args.data_root, args.size)
+        toolbox = tools.make_toolbox(args, tools.parse_tools_flag(args.tools), dataset=dataset,
+                                     categories=dataset.train_categories)
     pool = prompt_pool(dataset, args.seed)
     if args.prompts_per_step > len(pool):
         raise tools.UserError(f"--prompts-per-step must be at most {len(pool)} (the prompt pool of "
                               f"{dataset.name}), not {args.prompts_per_step}")
+    if args.prompts_per_step < tools.world_size():
+        raise tools.UserError(f"--prompts-per-step must be at least {tools.world_size()} (a group for every "
+                              f"process), not {args.prompts_per_step}")
     held_out = validation_prompts(dataset, args.eval_per_type, args.seed)
     policy, reference, use_lora, lr = load_models(args)
     params = [p for p in policy.model.parameters() if p.requires_grad]
@@ -466,12 +498,15 @@ def main(argv=None):
         start_step = load_checkpoint(state, policy, optimizer)
         print(f"resuming after step {start_step} of {args.steps}")
     metrics = read_metrics(out / "metrics.jsonl", start_step if state is not None else -1)
-    tools.write_json(out / "run_config.json", {**vars(args), "lr": lr})   # config.json is the model's
+    tools.barrier()   # every rank has read OUT before rank 0 writes to it
+    if tools.is_main():
+        tools.write_json(out / "run_config.json", {**vars(args), "lr": lr})   # config.json is the model's
 
-    def log(row):
+    def log(row):   # every rank keeps the rows (the summary compares them); rank 0 writes them
         metrics.append(row)
-        tools.write_atomic(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
-        plot_curve(metrics, out / "reward_curve.png")
+        if tools.is_main():
+            tools.write_atomic(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+            plot_curve(metrics, out / "reward_curve.png")
 
     if start_step == 0:
         first = evaluate(policy, dataset, held_out, toolbox, args)
@@ -480,11 +515,13 @@ def main(argv=None):
               f"final QE {first['eval_final_qe']}")
 
     # the loop: rollout -> rewards -> advantages -> update
-    bar = tqdm(range(start_step, args.steps), desc="grpo", initial=start_step, total=args.steps)
+    bar = tqdm(range(start_step, args.steps), desc="grpo", initial=start_step, total=args.steps,
+               disable=not tools.is_main())
     for step in bar:
         started = time.time()
         prompts = random.Random(tools.stable_seed(args.seed, step)).sample(pool, args.prompts_per_step)
-        records = rollout(policy, dataset, prompts, args.group_size, toolbox, args.max_turns)
+        # each rank plays its share of the prompts, whole groups
+        records = rollout(policy, dataset, tools.shard(prompts), args.group_size, toolbox, args.max_turns)
         parts = score(records, args)
         judged = [not judge_failed(r) for r in records]
         advantages, keep = grpo_advantages([p["total"] for p in parts], args.group_size, judged)
@@ -492,9 +529,11 @@ def main(argv=None):
         step_lr = lr_at(step, lr, args)
         for group in optimizer.param_groups:
             group["lr"] = step_lr
-        row = {"step": step + 1, **summarize(records, parts), "groups_kept": int(keep.view(-1, args.group_size).any(1).sum()),
-                 "judge_failed": judged.count(False), "lr": step_lr}
-        if buffer:
+        episodes, episode_parts = gather_episodes(records, parts)   # every rank's, for the log
+        row = {"step": step + 1, **summarize(episodes, episode_parts), "episodes": len(episodes),
+               "groups_kept": int(tools.all_reduce_sum(int(keep.view(-1, args.group_size).any(1).sum()))),
+               "judge_failed": sum(judge_failed(r) for r in episodes), "lr": step_lr}
+        if row["groups_kept"]:   # some rank holds a buffer: every rank joins the update
             try:
                 row.update(update(policy, reference, optimizer, params, buffer, args, autocast))
             except FloatingPointError as e:
@@ -511,10 +550,13 @@ def main(argv=None):
         log(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row.get('kl', 0):.4f}",
                         kept=row["groups_kept"])
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        if tools.is_main() and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
             save_checkpoint(out, policy, optimizer, step + 1)
 
     # save the trained policy as a plain model, and say what RL changed on held-out prompts
+    if not tools.is_main():
+        tools.leave()   # waits there while rank 0 saves
+        return
     if use_lora:
         policy.model = policy.model.merge_and_unload()
     policy.save(out)
@@ -530,6 +572,7 @@ def main(argv=None):
           f"{before['eval_final_qe']} -> {after['eval_final_qe']} ({gain['eval_final_qe_gain']:+.2f} "
           f"+- {gain['eval_final_qe_gain_se']:.2f}), completed "
           f"{before['eval_completed']:.0%} -> {after['eval_completed']:.0%}")
+    tools.leave()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,14 @@ It trains on trajectories built from --data (default folder runs/trajectories/<d
 before training when there are none, or when their manifest.json says they come from another
 dataset or another --data-root.
 
+Several processes (`torchrun --nproc_per_node N sft.py ...`, README) train as one: every rank
+draws the same order and renamings, takes its contiguous share of each step's batch and runs it
+through DistributedDataParallel. The step's loss stays the mean over all the batch's assistant
+tokens: each rank multiplies its summed loss by the number of ranks and divides it by the global
+token count (an all_reduce); DDP averages the gradients over the ranks, which divides the factor
+out again, so the update is the one a single process makes on the whole batch. Rank 0 logs, saves
+and plays the rollout evaluation; the ranks share out the validation loss.
+
 Simplifies: one conversation's images are encoded at the processor's fixed size; sequences are
 not packed.
 """
@@ -176,13 +184,16 @@ def assistant_loss(policy, batch):
 
 
 def validation_loss(policy, records, micro_batch, autocast):
+    """The mean loss per assistant token; each rank scores its share of the records."""
     policy.model.eval()
+    records = tools.shard(records)
     total, count = 0.0, 0.0
     with torch.no_grad(), autocast():
         for i in range(0, len(records), micro_batch):
             loss, n = assistant_loss(policy, policy.encode([r["messages"] for r in records[i:i + micro_batch]]))
             total, count = total + loss.item(), count + n.item()
     policy.model.train()
+    total, count = tools.all_reduce_sum([total, count])
     return total / max(count, 1)
 
 
@@ -194,6 +205,17 @@ def prepare_model(policy, args):
     print(f"model: {n_params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained"
           f"{' (LoRA)' if use_lora else ''}")
     return use_lora
+
+
+def check_batch(args, n_train) -> None:
+    """Every step's batch is --batch-size trajectories (never more than the training set), and
+    splits evenly over the ranks, which run the same number of micro-batches in step."""
+    if args.batch_size > n_train:
+        raise tools.UserError(f"--batch-size must be at most {n_train} (the training trajectories), "
+                              f"not {args.batch_size}")
+    if args.batch_size % tools.world_size():
+        raise tools.UserError(f"--batch-size must be a multiple of the {tools.world_size()} processes, "
+                              f"not {args.batch_size}")
 
 
 def warmup_cosine(step, warmup, total) -> float:
@@ -273,7 +295,7 @@ def save_checkpoint(out, policy, optimizer, scheduler, step, use_lora, order_rng
 
 def load_checkpoint(out, policy, optimizer, scheduler, order_rng) -> int:
     """Put the model, the optimizer, the schedule and every random state back; returns the step."""
-    state = torch.load(out / "checkpoint" / "training_state.pt", weights_only=False)
+    state = torch.load(out / "checkpoint" / "training_state.pt", weights_only=False, map_location="cpu")
     policy.model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -317,13 +339,16 @@ def append_metrics(path, row) -> None:
 
 def main(argv=None):
     args = get_args(argv)
+    tools.init_distributed(args.device)   # under torchrun; one process without it
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     out = Path(args.out)
     folder = Path(args.trajectories or f"runs/trajectories/{args.data}")
-    dataset = check_trajectories(folder, args)
+    with tools.main_first():   # rank 0 may generate the toy world, the others then read it
+        dataset = check_trajectories(folder, args)
     train = read_trajectories(folder / "train.jsonl")
+    check_batch(args, len(train))
     has_val = (folder / "val.jsonl").is_file() and (folder / "val.jsonl").stat().st_size > 0
     val = read_trajectories(folder / "val.jsonl") if has_val else train[:8]   # tiny runs have no val split
     resuming = resumes_checkpoint(out, args)
@@ -346,7 +371,8 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(warmup_cosine, warmup=int(args.warmup * total_steps), total=total_steps))
     # each step takes the next batch_size trajectories of a per-epoch shuffled order; the same
-    # generator then picks which to rename, so the checkpoint keeps its state
+    # generator then picks which to rename, so the checkpoint keeps its state (and every rank,
+    # drawing for the whole batch, stays in step with the others)
     order, rng = [], random.Random(args.seed)
     for _ in range(math.ceil(args.epochs) + 1):
         epoch = list(range(len(train)))
@@ -356,50 +382,64 @@ def main(argv=None):
     if resuming:
         step = load_checkpoint(out, policy, optimizer, scheduler, rng)
         print(f"resuming from step {step} of {total_steps}")
+    model = tools.data_parallel(policy.model)   # several processes: DDP; one: the model itself
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.device.startswith("cuda") \
         else (lambda: torch.autocast("cpu", enabled=False))
-    tools.write_json(out / "run_config.json", {**vars(args), "lr": lr})   # config.json is the model's
     log = out / "metrics.jsonl"
-    cut_metrics(log, step if resuming else -1)
+    tools.barrier()   # every rank has read OUT before rank 0 writes to it
+    if tools.is_main():
+        tools.write_json(out / "run_config.json", {**vars(args), "lr": lr})   # config.json is the model's
+        cut_metrics(log, step if resuming else -1)
 
     # the loop
     if step == 0:
         first = validation_loss(policy, val, args.micro_batch, autocast)
-        append_metrics(log, {"step": 0, "val_loss": first})
+        if tools.is_main():
+            append_metrics(log, {"step": 0, "val_loss": first})
         print(f"step 0: validation loss {first:.3f}")
-    bar = tqdm(range(step, total_steps), desc="sft", initial=step, total=total_steps)
+    bar = tqdm(range(step, total_steps), desc="sft", initial=step, total=total_steps, disable=not tools.is_main())
     start = time.time()
     for step in bar:
         chosen = [train[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
         chosen = [rename_item(r, made_up_name(rng)) if rng.random() < args.rename_prob else r for r in chosen]
-        batches = [policy.encode([r["messages"] for r in chosen[i:i + args.micro_batch]])
-                   for i in range(0, len(chosen), args.micro_batch)]
-        # the step's loss is a mean over all its assistant tokens, however they fall into micro-batches
-        n_tokens = sum(int(b["assistant_mask"][:, 1:].sum()) for b in batches)
+        mine = tools.shard(chosen)   # this rank's share of the batch
+        batches = [policy.encode([r["messages"] for r in mine[i:i + args.micro_batch]])
+                   for i in range(0, len(mine), args.micro_batch)]
+        # the step's loss is a mean over all its assistant tokens, however they fall into
+        # micro-batches and ranks
+        n_tokens = tools.all_reduce_sum(sum(int(b["assistant_mask"][:, 1:].sum()) for b in batches))
         step_loss = 0.0
-        for batch in batches:
-            with autocast():
-                loss, _ = assistant_loss(policy, batch)
-            (loss / n_tokens).backward()
+        for k, batch in enumerate(batches):
+            # DDP averages the ranks' gradients in the last micro-batch's backward: times the
+            # world size, the average of the ranks' shares is their sum
+            with tools.data_parallel_pass(policy, model, sync=k == len(batches) - 1):
+                with autocast():
+                    loss, _ = assistant_loss(policy, batch)
+                (loss * tools.world_size() / n_tokens).backward()
             step_loss += loss.item() / n_tokens
+        step_loss = tools.all_reduce_sum(step_loss)
         if not math.isfinite(step_loss):
             raise tools.UserError(f"step {step + 1}: the loss is {step_loss}; lower --lr (the last "
                                   "checkpoint is kept)")
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
-        row = {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                 "seconds": round(time.time() - start, 1)}
+        row = {"step": step + 1, "loss": step_loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+               "seconds": round(time.time() - start, 1)}
         if (step + 1) % args.eval_every == 0 or step + 1 == total_steps:
             row["val_loss"] = validation_loss(policy, val, args.micro_batch, autocast)
             bar.write(f"step {step + 1}: validation loss {row['val_loss']:.3f}")
-        append_metrics(log, row)
-        if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(out, policy, optimizer, scheduler, step + 1, use_lora, rng)
+        if tools.is_main():
+            append_metrics(log, row)
+            if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+                save_checkpoint(out, policy, optimizer, scheduler, step + 1, use_lora, rng)
 
     # save the final model (LoRA merged in, so every stage loads a plain model) and evaluate it
+    if not tools.is_main():
+        tools.leave()   # waits there while rank 0 saves and evaluates
+        return
     if use_lora:
         policy.model = policy.model.merge_and_unload()
     policy.save(out)
@@ -411,6 +451,7 @@ def main(argv=None):
               + tools.format_stats(stats))
     else:
         print(f"saved {out}.")
+    tools.leave()
 
 
 if __name__ == "__main__":

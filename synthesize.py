@@ -34,6 +34,10 @@ MVTec-AD and Folder datamodules, this project's --data mvtec) train on directly:
     OUT/steps/<category>/<type>/<i>/<k>.png              the episodes' images, outside the dataset
 
 Rerunning with the same settings resumes: finished samples are kept and only missing ones are made.
+Several processes (`torchrun --nproc_per_node N synthesize.py ...`, README) share out the missing
+samples; each appends its finished ones to its own OUT/trajectories.rank<r>.jsonl, which rank 0
+merges into trajectories.jsonl (also at the start, after a killed run) before it writes the
+gallery. The samples and their ids are those of one process.
 The policy is the scripted expert by default, or a trained model (--policy runs/sft or runs/rl), here
 or behind an OpenAI-compatible server (--policy openai:http://localhost:8000/v1#runs/rl after
 `vllm serve runs/rl`; the API key, if any, from OPENAI_API_KEY).
@@ -90,7 +94,7 @@ LAYOUTS = ("by-type", "mvtec")
 
 def prepare_out(out, args, dataset):
     """Create or resume OUT; returns the run's settings (main saves them once the generator has
-    loaded, so a bad --policy leaves no run behind) and the finished records by id. Never
+    loaded, so a bad --policy leaves no run behind) and the ids of the finished samples. Never
     overwrites another run."""
     config = {k: getattr(args, k) for k in RUN_SETTINGS}
     config.update(data_root=str(dataset.root.resolve()), size=dataset.image_size)
@@ -119,18 +123,34 @@ def prepare_out(out, args, dataset):
                                   "pass another --out, or delete it")
     elif any(out.iterdir()):
         raise tools.UserError(f"{out} exists and is not a synthesize.py output; pass another --out")
+    return config, set(merge_records(out))
+
+
+def records_file(out) -> Path:
+    """Where this process appends its finished samples: OUT/trajectories.jsonl, or with several
+    processes its own OUT/trajectories.rank<r>.jsonl (merge_records joins them)."""
+    return out / ("trajectories.jsonl" if tools.world_size() == 1 else f"trajectories.rank{tools.rank()}.jsonl")
+
+
+def merge_records(out) -> dict:
+    """The finished samples by id, from OUT/trajectories.jsonl and the per-rank files beside it
+    (a killed run's too), written back as one trajectories.jsonl before the per-rank files go."""
     done, lines = {}, []
-    log = out / "trajectories.jsonl"
-    if log.exists():
-        for line in log.read_text().splitlines():
+    log, parts = out / "trajectories.jsonl", sorted(out.glob("trajectories.rank*.jsonl"))
+    for path in ([log] if log.exists() else []) + parts:
+        for line in path.read_text().splitlines():
             try:
                 record = json.loads(line)
             except ValueError:   # a line cut short by a kill: that sample is redone
                 continue
-            done[record["id"]] = record
-            lines.append(line)
+            if record["id"] not in done:
+                done[record["id"]] = record
+                lines.append(line)
+    if log.exists() or parts:
         tools.write_atomic(log, "".join(line + "\n" for line in lines))
-    return config, done
+    for part in parts:
+        part.unlink()
+    return done
 
 
 def append_records(path, records) -> None:
@@ -403,6 +423,7 @@ def format_baseline_stats(method, s) -> str:
 
 def main(argv=None):
     args = get_args(argv)
+    tools.init_distributed(args.device)   # under torchrun; one process without it
     args.tools = ",".join(tools.parse_tools_flag(args.tools))
     if args.method not in METHODS:
         raise tools.UserError(f"--method must be one of {', '.join(METHODS)}, not '{args.method}'")
@@ -415,26 +436,30 @@ def main(argv=None):
             raise tools.UserError(f"--{flag.replace('_', '-')} must be at least 1")
     if not args.temperature >= 0:
         raise tools.UserError(f"--temperature must be at least 0 (0: greedy), not {args.temperature}")
-    dataset = tools.load_dataset(args.data, args.data_root, args.size, categories=args.categories)
-    categories = tools.comma_list(args.categories, "--categories") if args.categories else dataset.eval_categories
-    toolbox = tools.make_toolbox(args, args.tools.split(","), dataset=dataset, categories=categories)
+    with tools.main_first():   # rank 0 may generate the toy world and measure its references; the others read them
+        dataset = tools.load_dataset(args.data, args.data_root, args.size, categories=args.categories)
+        categories = tools.comma_list(args.categories, "--categories") if args.categories else dataset.eval_categories
+        toolbox = tools.make_toolbox(args, args.tools.split(","), dataset=dataset, categories=categories)
     notice = tools.offline_notice(dataset.name, toolbox)
     if notice:   # first, before anything else is said about the run
         print(notice)
     out = Path(args.out)
     tasks = tools.plan_tasks(dataset, args.categories, args.types, args.per_type, args.seed)
-    config, done = prepare_out(out, args, dataset)
+    # rank 0 alone reads OUT (and merges what a killed run's ranks left); every rank learns what is done
+    config, done = tools.on_main(prepare_out, out, args, dataset)
     todo = [t for t in tasks if t["id"] not in done]
     print(f"{len(tasks)} samples on {dataset.name} ({len(tasks) - len(todo)} already in {out}, "
           f"{len(todo)} to make)")
+    mine = tools.shard(todo)   # this rank's share
 
     if args.method == "agent":
         policy = tools.load_policy(args.policy, seed=args.seed, device=args.device, temperature=args.temperature)
-    tools.write_json(out / "config.json", config)
-    records = list(done.values())   # the summary and gallery show everything in OUT
-    with tqdm(total=len(todo), desc="synthesizing") as bar:
-        for start in range(0, len(todo), args.batch_size):
-            batch = todo[start:start + args.batch_size]
+    if tools.is_main():
+        tools.write_json(out / "config.json", config)
+    tools.barrier()   # no rank writes a sample before config.json says whose run OUT holds
+    with tqdm(total=len(mine), desc="synthesizing", disable=not tools.is_main()) as bar:
+        for start in range(0, len(mine), args.batch_size):
+            batch = mine[start:start + args.batch_size]
             if args.method != "agent":
                 results = run_baseline(args.method, dataset, batch, toolbox, out, args.layout)
                 bar.update(len(batch))
@@ -442,9 +467,13 @@ def main(argv=None):
                 episodes = [tools.make_task(dataset, t) for t in batch]
                 results = [save_record(r, out, toolbox, args.layout) for r in tools.run_episodes(
                     policy, episodes, toolbox, args.max_turns, on_finish=lambda e: bar.update())]
-            append_records(out / "trajectories.jsonl", results)
-            records += results
+            append_records(records_file(out), results)
 
+    tools.barrier()   # every rank's samples are on disk
+    if not tools.is_main():
+        tools.leave()   # waits there while rank 0 writes the one trajectories.jsonl, the summary and the gallery
+        return
+    records = list(merge_records(out).values())   # everything in OUT
     if args.method == "agent":
         summary = tools.episode_stats(records)
         line = tools.format_stats(summary)
@@ -456,6 +485,7 @@ def main(argv=None):
     write_overview(out, records)
     print(line)
     print(f"gallery: {out / 'index.html'}")
+    tools.leave()
 
 
 if __name__ == "__main__":

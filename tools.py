@@ -1,8 +1,9 @@
 """
 tools.py -- everything the stages share, in the order a reader needs it:
 
-  1. Data: the toy world, MVTec-AD, VisA and a folder of photos behind one small interface; clean
-     counterparts of real anomalies, and the statistics of a type's few-shot references
+  1. Data: atomic writes and how several processes (torchrun's ranks) share the work; the toy
+     world, MVTec-AD, VisA and a folder of photos behind one small interface; clean counterparts
+     of real anomalies, and the statistics of a type's few-shot references
   2. Knowledge: the knowledge base (knowledge.json), and attributes guessed for unknown types
   3. The tools: their schemas, one small interface per backend (PromptWriter, ImageEditor, Judge,
      Segmenter), the real-model backends (diffusers editors, vision-language judges and prompt
@@ -18,6 +19,7 @@ The method is described in docs/METHOD.md. The offline backends behind the tools
 a procedural painter, a measured judge, a difference segmenter) live in toy_world.py, with the toy
 dataset's renderer; this module imports them, and re-exports the few measurements stages use.
 """
+import atexit
 import base64
 import hashlib
 import io
@@ -25,16 +27,20 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import urllib.error
 import urllib.request
 import zlib
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from scipy import ndimage
 
@@ -116,9 +122,10 @@ def save_png(array, path) -> None:
 def write_atomic(path, data) -> None:
     """Write data (text, bytes, or a function that writes the file at the path it is given) into a
     file beside path, then rename it over path: a killed run leaves the old file or the new one,
-    never half of one. A failed write (no permission, a full disk) is a UserError naming the file."""
+    never half of one. A failed write (no permission, a full disk) is a UserError naming the file.
+    The file beside is this process's own, so ranks writing the same file never mix their bytes."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if callable(data):
@@ -152,6 +159,162 @@ def refuse_changed_settings(out, args, may_change) -> None:
                if k not in may_change and k in saved and v is not None and saved[k] != v]
     if changed:
         raise UserError(f"--resume: {out} was run with other settings ({'; '.join(changed)})")
+
+
+# ---- several processes: torchrun's ranks, and how they share the work ----------------------------
+# `torchrun --nproc_per_node N stage.py ...` starts N copies of a stage with RANK, WORLD_SIZE and
+# LOCAL_RANK in their environment. Without torchrun (or with N = 1) every helper here is a no-op:
+# one process, rank 0 of 1.
+
+def init_distributed(device) -> None:
+    """Join torchrun's process group (NCCL on GPU, gloo on CPU), each process on its own GPU
+    (LOCAL_RANK). The other ranks' prints go nowhere, so what a run says is rank 0's."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
+        return
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))   # "cuda" is now this process's GPU
+    # a rank that finished its share waits for the slowest one (at the end of synthesis, or while
+    # rank 0 evaluates): far longer than the default timeout of a collective
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=6))
+    atexit.register(_close_process_group)   # after an error: a run that went well calls leave()
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")
+
+
+def leave() -> None:
+    """The end of a run that went well: every rank waits here until all are done (rank 0 may still
+    be saving), so that none closes its connections while another still uses them."""
+    if world_size() > 1:
+        dist.barrier()
+    _close_process_group()
+
+
+def _close_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Rank 0: the process that logs, evaluates and saves."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait until every rank arrives here."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def shard(items) -> list:
+    """This rank's contiguous share of items; the shares differ in length by at most one, and in
+    rank order they are items again."""
+    n, r, w = len(items), rank(), world_size()
+    return items[r * n // w:(r + 1) * n // w]
+
+
+def all_reduce_sum(value):
+    """A number, or a list of numbers, summed over the ranks (in float64: token counts stay exact)."""
+    if world_size() == 1:
+        return value
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    total = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def all_gather(value) -> list:
+    """Every rank's value (any picklable object), in rank order, on every rank."""
+    if world_size() == 1:
+        return [value]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def on_main(function, *args):
+    """function(*args) run by rank 0 alone (it may write files the others must not race on), its
+    result handed to every rank; a UserError it raises stops every rank with the same message."""
+    if world_size() == 1:
+        return function(*args)
+    result = error = None
+    if is_main():
+        try:
+            result = function(*args)
+        except UserError as e:
+            error = str(e)
+    box = [(result, error)]
+    dist.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+@contextmanager
+def main_first():
+    """Rank 0 runs the block first (it may generate the toy world or fill a cache), then the other
+    ranks, which read what it wrote; a UserError rank 0 meets there stops every rank with its message."""
+    if world_size() == 1:
+        yield
+        return
+    box = [None]
+    if is_main():
+        try:
+            yield
+        except UserError as e:
+            box = [str(e)]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise UserError(box[0])
+    if not is_main():
+        yield
+
+
+def data_parallel(model):
+    """model in DistributedDataParallel, which averages the gradients over the ranks during
+    backward; with one process, the model itself."""
+    if world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    on_gpu = next(model.parameters()).is_cuda
+    # no buffer sync before each forward: the buffers (rotary frequencies) are constants
+    return DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if on_gpu else None,
+                                   forward_sync_buffers=False)
+
+
+@contextmanager
+def data_parallel_pass(policy, model, sync=True):
+    """Inside the block the policy runs model (data_parallel's wrapper of policy.model), so the
+    backward there averages the gradients over the ranks; sync=False keeps them local to add up
+    (all micro-batches of a step but the last). With one process nothing changes."""
+    if model is policy.model:
+        yield
+        return
+    own, policy.model = policy.model, model
+    try:
+        with nullcontext() if sync else model.no_sync():
+            yield
+    finally:
+        policy.model = own
+
+
+def sum_gradients(params) -> None:
+    """Each parameter's gradient summed over the ranks, for losses each rank divided by a global
+    count; a rank that ran no backward adds zeros."""
+    if world_size() == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
 
 
 @dataclass(frozen=True)

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,3 +28,12 @@ def run_script(script, *args, cwd=ROOT, timeout=600):
     """Run a stage as a user would, from the repository root."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_torchrun(script, nproc, *args, cwd=ROOT, timeout=600):
+    """Run a stage under torchrun, nproc processes on this machine (gloo on CPU). --standalone
+    lets the rendezvous pick a free port, so tests running at once never clash."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(nproc), str(ROOT / script) if not Path(script).is_absolute() else str(script),
+                           *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})

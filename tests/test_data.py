@@ -242,3 +242,18 @@ def test_a_mask_of_another_size_is_a_one_line_error_naming_both_files(mvtec):
     assert ds.load_anomaly(good)[1].shape == (32, 32)
     with pytest.raises(tools.UserError, match=r"mask .*002_mask.png is 24x24 but its image .*002.png is 16x16"):
         ds.load_anomaly(bad)
+
+
+def test_one_process_is_rank_0_of_1_and_shards_split_in_order(monkeypatch):
+    """Without torchrun every distributed helper is a no-op; under it, the ranks' contiguous shards
+    differ in length by at most one and, joined in rank order, give the items back."""
+    assert (tools.rank(), tools.world_size(), tools.is_main()) == (0, 1, True)
+    assert tools.shard(list(range(5))) == list(range(5)) and tools.all_gather("x") == ["x"]
+    assert tools.all_reduce_sum([2, 3]) == [2, 3] and tools.on_main(lambda a: a + 1, 1) == 2
+    for world in (2, 3, 7):
+        monkeypatch.setattr(tools, "world_size", lambda: world)
+        shards = []
+        for r in range(world):
+            monkeypatch.setattr(tools, "rank", lambda: r)
+            shards.append(tools.shard(list(range(10))))
+        assert sum(shards, []) == list(range(10)) and max(map(len, shards)) - min(map(len, shards)) <= 1

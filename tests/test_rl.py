@@ -1,16 +1,19 @@
 """rl.py: GRPO's advantages and loss against direct computations, an update that moves the policy
 the right way, and the script end to end (smoke, ablation flags, NaN guard, resume after a kill)."""
 import json
+import random
+import runpy
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
 import rl
 import tools
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, run_torchrun
 
 
 # ---- the formulas -------------------------------------------------------------------------------
@@ -249,6 +252,70 @@ def test_rl_rerun_after_a_kill_before_the_first_checkpoint(tiny_model_dir, toy_r
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
     finished = run_script("rl.py", *tiny_args(tiny_model_dir, toy_root, out, "--steps", "1"), "--resume")
     assert finished.returncode != 0 and "is finished (step 1 of --steps 1)" in finished.stderr
+
+
+def test_an_update_on_two_ranks_is_the_update_of_one_process(expert_records, tiny_model_dir, tmp_path,
+                                                               monkeypatch):
+    """Four conversations, two per rank, one SGD step (its size is the gradient's, where Adam's
+    would hide a wrong scale): the step and the token-weighted statistics of one process."""
+    buffer = [(r["messages"], a) for r, a in zip(expert_records[:4], [1.0, -1.0, 0.5, -0.25])]
+    torch.save(buffer, tmp_path / "buffer.pt")
+    script = tmp_path / "one_update.py"
+    script.write_text(f"""import sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+import rl, tools
+tools.init_distributed("cpu")
+args = rl.get_args(["--policy", {str(tiny_model_dir)!r}, "--ppo-epochs", "1", "--minibatch", "4",
+                    "--micro-batch", "1", "--lora", "off", "--grad-clip", "1e9", "--lr", "1.0"])
+policy, reference, _, _ = rl.load_models(args)
+params = [p for p in policy.model.parameters() if p.requires_grad]
+buffer = tools.shard(torch.load({str(tmp_path / "buffer.pt")!r}, weights_only=False))
+stats = rl.update(policy, reference, torch.optim.SGD(params, lr=args.lr), params, buffer, args, rl.nullcontext)
+if tools.is_main():
+    torch.save((stats, {{n: p.detach() for n, p in policy.model.named_parameters() if p.requires_grad}}), sys.argv[1])
+tools.leave()
+""")
+    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path / "one.pt")])
+    runpy.run_path(str(script), run_name="__main__")   # without torchrun: one process, this one
+    result = run_torchrun(script, 2, tmp_path / "two.pt")
+    assert result.returncode == 0, result.stderr
+    start = tools.VLMPolicy.load(tiny_model_dir).model.state_dict()
+    (one, one_weights), (two, two_weights) = (torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in ("one", "two"))
+    assert two == pytest.approx(one, rel=1e-5) and one["tokens"] > 0
+    moved = max(float((w - start[n]).abs().max()) for n, w in one_weights.items())
+    assert moved > 1e-3 and max(float((w - two_weights[n]).abs().max()) for n, w in one_weights.items()) <= 1e-5 * moved
+
+
+def test_rl_under_torchrun_logs_every_rank_s_episodes_updates_and_resumes(tiny_model_dir, toy_root, toy, tmp_path):
+    """Two ranks, one prompt (a whole group) each. The random tiny policy's episodes all tie, so a
+    wrapper scores each episode by its id: every group then counts, the update runs on both ranks,
+    and the log shows which episodes it holds."""
+    script = tmp_path / "rl_scored_by_id.py"
+    script.write_text(f"""import sys
+sys.path.insert(0, {str(ROOT)!r})
+import rl, tools
+rl.score = lambda records, args: [dict(total=float(tools.stable_seed(r["id"]) % 7), task=0.0, reflection=0.0,
+                                       behavior=0.0) for r in records]
+rl.main(sys.argv[1:])
+""")
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model_dir, toy_root, out, "--prompts-per-step", "2", "--steps", "1")
+    result = run_torchrun(script, 2, *args)
+    assert result.returncode == 0, result.stderr
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    prompts = random.Random(tools.stable_seed(0, 0)).sample(rl.prompt_pool(toy, 0), 2)
+    rewards = [tools.stable_seed(f"{p['id']}/{g}") % 7 for p in prompts for g in range(2)]
+    assert metrics[1]["episodes"] == 4 and metrics[1]["reward_mean"] == pytest.approx(np.mean(rewards))
+    assert metrics[1]["groups_kept"] == sum(a != b for a, b in zip(rewards[::2], rewards[1::2]))
+    assert metrics[1]["tokens"] > 0 and metrics[1]["kl"] > 0   # the update ran
+    held_out = rl.validation_prompts(toy, 1, 0)   # shared out, gathered back in plan order
+    assert metrics[0]["eval_episode_rewards"] == [tools.stable_seed(p["id"]) % 7 for p in held_out]
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 1
+    assert tools.VLMPolicy.load(out).model is not None and (out / "summary.json").exists()
+    resumed = run_torchrun(script, 2, *args[:-1], "2", "--resume")   # --steps 2: every rank loads the checkpoint
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after step 1 of 2" in resumed.stdout
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("flags, message", [

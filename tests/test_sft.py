@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tools
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, run_torchrun
 
 CONVERSATION = [
     {"role": "system", "content": "You are a test."},
@@ -292,6 +292,83 @@ def test_sft_resume_after_a_kill_is_exact(trajectories, toy_root, tmp_path):
     assert not (out / "checkpoint").exists()          # the model supersedes it
     finished = run_script("sft.py", *args(out, "--resume"))
     assert finished.returncode != 0 and "is finished" in finished.stderr
+
+
+# ---- several processes (torchrun, gloo on CPU) ---------------------------------------------------
+
+def two_step_args(trajectories, toy_root, out, *extra):
+    """Two optimizer steps of two trajectories, validated at steps 0 and 2. One trajectory per
+    micro-batch in every run: batching two pads them, which moves the floats by rounding, and Adam's
+    first step (about lr times the gradient's sign) turned that into 4e-5 on one token's embedding
+    in one process alone."""
+    n_train = len((trajectories / "train.jsonl").read_text().splitlines())
+    return sft_args(trajectories, toy_root, out, "--micro-batch", "1", "--rollouts", "0",
+                    "--epochs", 3.5 / n_train, *extra)
+
+
+@pytest.fixture(scope="module")
+def one_process(trajectories, toy_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft-one") / "out"
+    result = run_script("sft.py", *two_step_args(trajectories, toy_root, out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def assert_same_training(out, reference):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for row, want in zip(rows, expected):   # the global loss, gradient norm (DDP's scale) and val loss
+        assert set(row) == set(want)
+        for key in {"loss", "grad_norm", "val_loss"} & set(want):
+            assert row[key] == pytest.approx(want[key], rel=1e-6), (row["step"], key)
+    a, b = tools.VLMPolicy.load(out).model.state_dict(), tools.VLMPolicy.load(reference).model.state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+
+def test_sft_under_torchrun_makes_the_updates_of_one_process(trajectories, toy_root, tmp_path, one_process):
+    out = tmp_path / "two"
+    result = run_torchrun("sft.py", 2, *two_step_args(trajectories, toy_root, out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("step 0: validation loss") == 1   # rank 0 speaks for the run
+    assert_same_training(out, one_process)
+    assert not list(out.glob("checkpoint*")) and not list(out.glob("*.tmp"))
+
+
+def test_sft_under_torchrun_resumes_a_killed_run(trajectories, toy_root, tmp_path, one_process):
+    """Both ranks killed right after the first checkpoint; the same torchrun command with --resume
+    (every rank loads the checkpoint) ends where one process that never stopped ends."""
+    out = tmp_path / "two"
+    killer = tmp_path / "sft_killed_after_checkpoint.py"
+    killer.write_text(f"""import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import sft
+save = sft.save_checkpoint
+def save_and_die(*args):
+    save(*args)
+    os._exit(1)
+sft.save_checkpoint = save_and_die
+sft.main(sys.argv[1:])
+""")
+    args = two_step_args(trajectories, toy_root, out, "--save-every", "1")
+    killed = run_torchrun(killer, 2, *args)
+    assert killed.returncode != 0
+    assert torch.load(out / "checkpoint" / "training_state.pt", weights_only=False)["step"] == 1
+    result = run_torchrun("sft.py", 2, *args, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "resuming from step 1 of 2" in result.stdout
+    assert_same_training(out, one_process)
+
+
+def test_a_batch_the_ranks_cannot_split_evenly_is_refused(monkeypatch):
+    import sft
+    args = sft.get_args(["--batch-size", "3"])
+    sft.check_batch(args, 14)                       # one process: any batch up to the training set
+    with pytest.raises(tools.UserError, match="--batch-size must be at most 2 .*, not 3"):
+        sft.check_batch(args, 2)
+    monkeypatch.setattr(tools, "world_size", lambda: 2)
+    with pytest.raises(tools.UserError, match="--batch-size must be a multiple of the 2 processes, not 3"):
+        sft.check_batch(args, 14)
 
 
 @pytest.mark.parametrize("flags, message", [

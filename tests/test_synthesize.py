@@ -9,7 +9,7 @@ from PIL import Image
 from scipy import ndimage
 
 import tools
-from conftest import run_script
+from conftest import run_script, run_torchrun
 
 
 def records(out):
@@ -106,6 +106,33 @@ def test_rerun_resumes_and_keeps_finished_samples(toy_root, tmp_path):
     # more samples per type extend the run
     result = run_script("synthesize.py", *args[:-1], "3")
     assert result.returncode == 0 and len(records(out)) == 9
+
+
+def test_torchrun_makes_the_samples_of_one_process_and_resumes(toy_root, tmp_path):
+    """Two ranks share the samples out; rank 0 merges their files into one trajectories.jsonl and
+    writes one gallery. Rerun, the same command finishes what a killed run left."""
+    args = ["--data-root", toy_root, "--categories", "washer", "--per-type", "2"]
+    one = run_script("synthesize.py", *args, "--out", tmp_path / "one")
+    two = run_torchrun("synthesize.py", 2, *args, "--out", tmp_path / "two")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    expected = sorted((tmp_path / "one" / "trajectories.jsonl").read_text().splitlines())
+    lines = (tmp_path / "two" / "trajectories.jsonl").read_text().splitlines()
+    assert sorted(lines) == expected and len(lines) == 6   # the same ids, the very same samples
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    page = (tmp_path / "two" / "index.html").read_text()
+    assert all(r["id"] in page for r in records(tmp_path / "two"))
+    # what a kill leaves: the merged file of an earlier run, each rank's own file, a line cut short
+    kept = json.loads(lines[0])
+    stamp = (tmp_path / "two" / kept["final_image"]).stat().st_mtime_ns
+    (tmp_path / "two" / "trajectories.jsonl").write_text(lines[0] + "\n")
+    (tmp_path / "two" / "trajectories.rank0.jsonl").write_text(lines[1] + "\n" + lines[2][:40])
+    (tmp_path / "two" / "trajectories.rank1.jsonl").write_text(lines[3] + "\n")
+    again = run_torchrun("synthesize.py", 2, *args, "--out", tmp_path / "two")
+    assert again.returncode == 0, again.stderr
+    assert "6 samples on toy (3 already in" in again.stdout
+    assert sorted((tmp_path / "two" / "trajectories.jsonl").read_text().splitlines()) == expected
+    assert (tmp_path / "two" / kept["final_image"]).stat().st_mtime_ns == stamp
+    assert not list((tmp_path / "two").glob("trajectories.rank*"))
 
 
 def test_seeds_and_tool_ablations(toy_root, tmp_path):
