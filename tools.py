@@ -2059,9 +2059,9 @@ class VLMPolicy:
         return next(m.get_rope_index for m in self.model.modules() if hasattr(m, "get_rope_index"))
 
     def _decode(self, rows):
-        """Sample each row's reply: all rows one token a step, left-padded to one batch; a row
-        leaves it when it closes its turn or has max_new_tokens. Each row then keeps its prompt
-        and reply (all but the reply's last token, never fed) in ids and cache."""
+        """Sample each row's reply: all rows one token a step, left-padded to one batch; a row is
+        done when it closes its turn or has max_new_tokens, and then keeps its prompt and reply
+        (all but the reply's last token, never fed) in ids and cache."""
         end, device = self.ids["<|im_end|>"], self.model.device
         width = max(len(row.ids) for row in rows)
         mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)   # 1: a token, 0: padding or room
@@ -2075,30 +2075,32 @@ class VLMPolicy:
         for i, row in enumerate(rows):
             mask[i, width - len(row.ids):] = 1
         cache, mask = self._with_room(layers, mask)
-        live, filled = list(range(len(rows))), width
+        lines, filled = list(range(len(rows))), width   # lines: the row each line of the batch decodes
         positions = torch.tensor([row.position for row in rows], device=device)
         logits = torch.cat([row.logits for row in rows])
         while True:
             tokens = self._sample(logits)
-            stay = []
-            for b, (i, token) in enumerate(zip(live, tokens.tolist())):
+            for b, (i, token) in enumerate(zip(lines, tokens.tolist())):
+                if i is None:   # a finished row's line, decoding what nobody reads until it is dropped
+                    continue
                 row = rows[i]
                 row.sampled.append(token)
-                if token != end and len(row.sampled) < self.max_new_tokens:
-                    stay.append(b)
-                    continue
-                row.ids = row.ids + row.sampled[:-1]
-                used = mask[b, :filled] == 1
-                row.cache = [(layer.keys[b:b + 1, :, :filled][:, :, used], layer.values[b:b + 1, :, :filled][:, :, used])
-                             for layer in cache.layers]
+                if token == end or len(row.sampled) == self.max_new_tokens:
+                    row.ids = row.ids + row.sampled[:-1]
+                    used = (mask[b, :filled] == 1).nonzero()[:, 0]   # its tokens, without its left padding
+                    row.cache = [(layer.keys[b:b + 1, :, used], layer.values[b:b + 1, :, used])
+                                 for layer in cache.layers]
+                    lines[b] = None
+            stay = [b for b, i in enumerate(lines) if i is not None]
             if not stay:
                 return
-            if len(stay) < len(live) or filled == mask.shape[1]:
-                # the rows that go on, without the columns none of them uses, and fresh room
+            # dropping lines copies the whole cache: it waits until a quarter of them are finished
+            if 4 * (len(lines) - len(stay)) >= len(lines) or filled == mask.shape[1]:
+                # the lines that go on, without the columns none of them uses, and fresh room
                 first = int(mask[stay, :filled].any(0).nonzero()[0])
                 cache, mask = self._with_room([(layer.keys[stay, :, first:filled], layer.values[stay, :, first:filled])
                                                for layer in cache.layers], mask[stay, first:filled])
-                live, positions, tokens, filled = [live[b] for b in stay], positions[stay], tokens[stay], filled - first
+                lines, positions, tokens, filled = [lines[b] for b in stay], positions[stay], tokens[stay], filled - first
             mask[:, filled] = 1
             out = self.model(input_ids=tokens[:, None], attention_mask=mask, cache=cache, use_cache=True,
                              position_ids=positions.view(1, -1, 1).expand(3, -1, -1), logits_to_keep=1)

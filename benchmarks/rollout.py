@@ -2,20 +2,22 @@
 benchmarks/rollout.py -- times rl.py's rollout of the same prompts at G = 1, 2, 4 and 8 episodes a
 prompt, and the GRPO update on each rollout's groups, and prints a table.
 
-    python benchmarks/rollout.py --threads 1                          # runs/sft, rl.py's first prompts
+    python benchmarks/rollout.py --threads 1                          # runs/sft, rl.py's first prompt
     python benchmarks/rollout.py --threads 1 --compare-with 3bb38fb   # and the code of that revision, side by side
+    python benchmarks/rollout.py --threads 1 --prompts 4              # a whole rl.py step's prompts
 
-A rollout is rl.py's: --prompts prompts (those of rl.py's first step with --seed), each played G
-times at the policy's rl.py temperature against the offline tools, every live episode answered by
-one batched policy call a turn. The update is rl.update on the rollout's groups (none at G = 1: a
-group of one carries no signal). Each (code, G) runs in a fresh process that first plays one
-warm-up turn, so one-time costs stay out of the timings; with --compare-with the two codes take
-turns, so a busy machine slows both alike. Columns: episodes a second and reply tokens (the
-tokenized assistant turns, each with its end token) a second of the rollout, and the shares of
-rollout + update spent in generation (the model), encoding (rendering conversations, the image
-processor), the tools (the rest of the rollout) and the update. Below the table: the G = 8
-rollout's time over the G = 1 rollout's, and with --compare-with the episodes a second at G = 8
-over those of the older code.
+A rollout is rl.py's, on the CPU: --prompts prompts (the first that rl.py's first step plays),
+each played G times at the policy's rl.py temperature against the offline tools, every live
+episode answered by one batched policy call a turn. The update is rl.update on the rollout's
+groups (none at G = 1: a group of one carries no signal). Each (code, G) runs in a fresh process
+that first plays one warm-up turn, so one-time costs stay out of the timings; with --compare-with
+the two codes take turns, so a busy machine slows both alike, and --repeats N plays each rollout N
+times (the same seed: the same episodes) and keeps the fastest. Columns: episodes a second and
+reply tokens (the tokenized assistant turns, each with its end token) a second of the rollout, and
+the shares of rollout + update spent in generation (the model), encoding (rendering conversations,
+the image processor), the tools (the rest of the rollout) and the update. Below the table: the
+G = 8 rollout's time over the G = 1 rollout's, and with --compare-with the episodes a second at
+G = 8 over those of the older code.
 """
 import argparse
 import contextlib
@@ -38,8 +40,9 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", default="runs/sft", help="the policy folder (sft.py's output)")
-    p.add_argument("--prompts", type=int, default=4, help="prompts per rollout (rl.py's --prompts-per-step)")
+    p.add_argument("--prompts", type=int, default=1, help="prompts per rollout (rl.py plays --prompts-per-step 4)")
     p.add_argument("--compare-with", default=None, help="a git revision whose code is timed too, side by side")
+    p.add_argument("--repeats", type=int, default=1, help="plays of each rollout (same episodes); the fastest counts")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 when the cores are shared)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and the sampling")
     p.add_argument("--worker", nargs=2, metavar=("CODE", "G"), help=argparse.SUPPRESS)   # one timing, as JSON
@@ -53,6 +56,9 @@ def main(argv=None):
     if not (Path(args.policy) / "config.json").is_file():
         sys.exit(f"error: --policy {args.policy}: no trained policy there "
                  "(python build_trajectories.py && python sft.py writes runs/sft)")
+    for flag in ("prompts", "repeats"):
+        if getattr(args, flag) < 1:
+            sys.exit(f"error: --{flag} must be at least 1, not {getattr(args, flag)}")
     sys.path.insert(0, str(ROOT))
     import tools
     tools.load_dataset("toy")   # generated here once, if it is not there yet, for every worker
@@ -60,7 +66,7 @@ def main(argv=None):
         codes = [("now", ROOT)]
         if args.compare_with:
             codes.insert(0, (args.compare_with, export_revision(args.compare_with, Path(tmp))))
-        rows = [(name, g, run_worker(args, code, g)) for g in GROUP_SIZES for name, code in codes]
+        rows = [(name, g, run_worker(args, name, code, g)) for g in GROUP_SIZES for name, code in codes]
     print_table(args, rows)
 
 
@@ -74,17 +80,18 @@ def export_revision(revision, folder) -> Path:
     return folder
 
 
-def run_worker(args, code, group_size) -> dict:
-    command = [sys.executable, __file__, "--worker", str(code), str(group_size), "--policy", args.policy,
-               "--prompts", str(args.prompts), "--seed", str(args.seed)]
+def run_worker(args, name, code, group_size) -> dict:
+    command = [sys.executable, __file__, "--worker", str(code), str(group_size),
+               "--policy", str(Path(args.policy).resolve()), "--prompts", str(args.prompts),
+               "--seed", str(args.seed), "--repeats", str(args.repeats)]
     env = dict(os.environ)
     if args.threads:
         command += ["--threads", str(args.threads)]
         env["OMP_NUM_THREADS"] = str(args.threads)
-    print(f"G={group_size} with the code of {code}", file=sys.stderr, flush=True)
+    print(f"G={group_size}, code {name}", file=sys.stderr, flush=True)
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if result.returncode:
-        sys.exit(f"the timing of G={group_size} with {code} failed:\n{result.stderr.strip()}")
+        sys.exit(f"the timing of G={group_size} with code {name} failed:\n{result.stderr.strip()}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -124,13 +131,16 @@ def time_one(args, code, group_size) -> dict:
     warm_up = tools.Episode(tools.make_task(dataset, prompts[0]), toolbox)
     policy.act([warm_up.messages])
 
-    act = policy.act = Stopwatch(policy.act)
-    render = policy._render = Stopwatch(policy._render)
-    processor = policy.image_processor = Stopwatch(policy.image_processor)
-    start = time.perf_counter()
-    records = rl.rollout(policy, dataset, prompts, group_size, toolbox, rl_args.max_turns)
-    rollout = time.perf_counter() - start
-    encoding = render.seconds + processor.seconds
+    plays = []
+    act, render, processor = policy.act, policy._render, policy.image_processor
+    for _ in range(args.repeats):   # the same seed: the same episodes
+        torch.manual_seed(args.seed)
+        policy.act, policy._render, policy.image_processor = Stopwatch(act), Stopwatch(render), Stopwatch(processor)
+        start = time.perf_counter()
+        records = rl.rollout(policy, dataset, prompts, group_size, toolbox, rl_args.max_turns)
+        plays.append({"rollout": time.perf_counter() - start, "act": policy.act.seconds,
+                      "encoding": policy._render.seconds + policy.image_processor.seconds})
+    fastest = min(plays, key=lambda play: play["rollout"])
 
     parts = rl.score(records, rl_args)
     advantages, keep = rl.grpo_advantages([p["total"] for p in parts], group_size,
@@ -144,9 +154,9 @@ def time_one(args, code, group_size) -> dict:
     update = time.perf_counter() - start
     replies = [m["content"] for r in records for m in r["messages"] if m["role"] == "assistant"]
     tokens = sum(len(policy.tokenizer(reply)["input_ids"]) + 1 for reply in replies)
-    return {"episodes": len(records), "turns": len(replies), "tokens": tokens, "rollout": rollout,
-            "generation": act.seconds - encoding, "encoding": encoding, "tools": rollout - act.seconds,
-            "update": update, "kept": len(buffer)}
+    return {"episodes": len(records), "turns": len(replies), "tokens": tokens, "rollout": fastest["rollout"],
+            "generation": fastest["act"] - fastest["encoding"], "encoding": fastest["encoding"],
+            "tools": fastest["rollout"] - fastest["act"], "update": update, "kept": len(buffer)}
 
 
 def print_table(args, rows):
