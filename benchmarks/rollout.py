@@ -2,9 +2,9 @@
 benchmarks/rollout.py -- times rl.py's rollout of the same prompts at G = 1, 2, 4 and 8 episodes a
 prompt, and the GRPO update on each rollout's groups, and prints a table.
 
-    python benchmarks/rollout.py --threads 1                          # runs/sft, rl.py's first prompt
+    python benchmarks/rollout.py --threads 1                          # runs/sft, rl.py's first step's prompts
     python benchmarks/rollout.py --threads 1 --compare-with 3bb38fb   # and the code of that revision, side by side
-    python benchmarks/rollout.py --threads 1 --prompts 4              # a whole rl.py step's prompts
+    python benchmarks/rollout.py --threads 1 --prompts 1              # its first prompt alone
 
 A rollout is rl.py's, on the CPU: --prompts prompts (the first that rl.py's first step plays),
 each played G times at the policy's rl.py temperature against the offline tools, every live
@@ -40,7 +40,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", default="runs/sft", help="the policy folder (sft.py's output)")
-    p.add_argument("--prompts", type=int, default=1, help="prompts per rollout (rl.py plays --prompts-per-step 4)")
+    p.add_argument("--prompts", type=int, default=4, help="prompts per rollout (rl.py's --prompts-per-step)")
     p.add_argument("--compare-with", default=None, help="a git revision whose code is timed too, side by side")
     p.add_argument("--repeats", type=int, default=1, help="plays of each rollout (same episodes); the fastest counts")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 when the cores are shared)")
