@@ -33,7 +33,7 @@ import urllib.error
 import urllib.request
 import zlib
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
@@ -1962,17 +1962,22 @@ PROCESSOR_CLASSES = {"qwen3_vl": ("Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
                      "qwen2_vl": ("Qwen2VLProcessor", "Qwen2VLVideoProcessor")}
 
 
+def image_parts(messages) -> list:
+    """What the image parts of a conversation hold, in order: arrays, or paths once saved."""
+    return [part["image"] for m in messages if isinstance(m["content"], list)
+            for part in m["content"] if part["type"] == "image"]
+
+
+def rgb_image(image, root=None) -> np.ndarray:
+    """An image part's picture with three channels; a path (as saved in trajectories) is read from root."""
+    if isinstance(image, str):
+        image = load_image(Path(root or ".") / image)
+    return np.repeat(image[..., None], 3, 2) if image.ndim == 2 else image
+
+
 def conversation_images(messages, root=None) -> list:
-    """Every image of a conversation in order; paths (as saved in trajectories) are read from root."""
-    images = []
-    for m in messages:
-        for part in m["content"] if isinstance(m["content"], list) else []:
-            if part["type"] == "image":
-                image = part["image"]
-                if isinstance(image, str):
-                    image = load_image(Path(root or ".") / image)
-                images.append(np.repeat(image[..., None], 3, 2) if image.ndim == 2 else image)
-    return images
+    """Every image of a conversation in order, with three channels."""
+    return [rgb_image(image, root) for image in image_parts(messages)]
 
 
 # ---- trajectories on disk --------------------------------------------------------------------
@@ -2026,6 +2031,8 @@ class VLMPolicy:
         self.merge = image_processor.merge_size ** 2
         self.ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         tokenizer.chat_template = CHAT_TEMPLATE   # the project's format, whatever a checkpoint brought
+        self._kept = {}     # act(): id(conversation) -> (conversation, its Row) of the last call
+        self._images = {}   # act(): picture key -> (pixel values, grid) of the last call
 
     # -- loading and saving ----------------------------------------------------------------------
     @classmethod
@@ -2143,21 +2150,175 @@ class VLMPolicy:
         return logp, batch["assistant_mask"][:, 1:].to(logp.device).float()
 
     # -- acting ----------------------------------------------------------------------------------
+    # act() writes its own sampling loop instead of calling model.generate, to spare a multi-turn
+    # rollout what it would repeat every turn:
+    # - a conversation's keys and values are kept from one call to the next. The runner's
+    #   conversations only grow (a reply, then an observation), so a turn prefills only what was
+    #   appended; a new conversation starts from one of the same call that begins like it (the
+    #   copies of a GRPO group's prompt), and each picture goes through the image processor once.
+    #   Kept tokens count only as far as they equal the freshly rendered conversation's (the reply
+    #   is re-tokenized, as training sees it) and, where images are, show the same pictures;
+    # - each conversation prefills on its own (no padding); then all decode together, one token a
+    #   step, into a cache written in place (a growing one copies itself every step); a
+    #   conversation leaves the batch as soon as it closes its turn.
+    # Greedy, it writes what model.generate writes from the freshly rendered conversation (tests
+    # check both); sampling draws from softmax(logits / temperature), no top-k or top-p: the
+    # distribution token_logprobs scores. The kept caches belong to the weights that made them:
+    # change the weights only between runs of episodes, never while a conversation is being played.
+    ROOM = 64   # free cache columns a decoding batch gets at a time
+
     def act(self, conversations) -> list:
-        batch = self.encode(conversations, add_generation_prompt=True, pad_left=True)
-        inputs = self._model_inputs(batch)
-        sampling = dict(do_sample=False) if self.temperature == 0 else \
-            dict(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0)
+        """The next assistant turn of each conversation (batched sampling)."""
+        kept, self._kept = self._kept, {}
+        images, self._images = self._images, {}
+        rows = []
         with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens,
-                                      eos_token_id=self.ids["<|im_end|>"],
-                                      pad_token_id=self.ids["<|endoftext|>"], **sampling)
-        replies = []
-        for row in out[:, inputs["input_ids"].shape[1]:].tolist():
-            if self.ids["<|im_end|>"] in row:
-                row = row[:row.index(self.ids["<|im_end|>"])]
-            replies.append(self.tokenizer.decode(row, skip_special_tokens=True))
-        return replies
+            for messages in conversations:
+                own = kept.get(id(messages))
+                rows.append(self._prefill(messages, [own[1]] if own else rows, images))
+            self._decode(rows)
+        for messages, row in zip(conversations, rows):
+            # the entry holds the conversation, so that its id names no other list while kept
+            self._kept[id(messages)] = (messages, row)
+        end = self.ids["<|im_end|>"]
+        return [self.tokenizer.decode(row.sampled[:-1] if row.sampled[-1] == end else row.sampled,
+                                      skip_special_tokens=True) for row in rows]
+
+    def _image_inputs(self, image, images_before) -> tuple:
+        """An image part's picture as (key, pixel values, grid); the key is its path or a digest
+        of its pixels, and a picture is processed once while conversations show it."""
+        key = image if isinstance(image, str) else \
+            f"{image.shape}{image.dtype}{hashlib.sha1(np.ascontiguousarray(image)).hexdigest()}"
+        if key in images_before:
+            self._images[key] = images_before[key]
+        elif key not in self._images:
+            processed = self.image_processor(images=[rgb_image(image, self.image_root)], return_tensors="pt")
+            self._images[key] = (processed["pixel_values"], processed["image_grid_thw"][0])
+        return (key, *self._images[key])
+
+    def _prefill(self, messages, candidates, images_before) -> "Row":
+        """A conversation's prompt through the model after the longest beginning it shares with one
+        of the candidate rows: the row, with its cache and its next token's logits."""
+        from transformers import DynamicCache
+        images = [self._image_inputs(part, images_before) for part in image_parts(messages)]
+        ids, _ = self._render(messages, [int(grid.prod()) // self.merge for _, _, grid in images],
+                              add_generation_prompt=True)
+        pad, device = self.ids["<|image_pad|>"], self.model.device
+        starts = [t for t in range(1, len(ids)) if ids[t] == pad and ids[t - 1] != pad]   # each image's first token
+        reuse, source = 0, None
+        for row in candidates:
+            shared = shared_tokens(ids, [key for key, _, _ in images], starts, row)
+            if shared > reuse:
+                reuse, source = shared, row
+        reuse = min(reuse, len(ids) - 1)   # the last prompt token is fed again: its logits start the reply
+        new = [k for k, start in enumerate(starts) if start >= reuse]
+        vision = {"pixel_values": torch.cat([images[k][1] for k in new]).to(device),
+                  "image_grid_thw": torch.stack([images[k][2] for k in new]).to(device)} if new else {}
+        tokens = torch.tensor([ids], device=device)
+        # the model's own multimodal positions (t, h, w of every token, from the images' grids)
+        positions, _ = self._rope_index()(
+            tokens, mm_token_type_ids=(tokens == pad).long(),
+            image_grid_thw=torch.stack([grid for _, _, grid in images]).to(device) if images else None)
+        cache = DynamicCache([(keys[:, :, :reuse], values[:, :, :reuse]) for keys, values in source.cache]
+                             if reuse else None)
+        out = self.model(input_ids=tokens[:, reuse:], attention_mask=torch.ones_like(tokens),
+                         position_ids=positions[:, :, reuse:], cache=cache, use_cache=True, logits_to_keep=1,
+                         **vision)
+        return Row(ids=ids, images=[key for key, _, _ in images], cache=[(k, v) for k, v, _ in out.cache],
+                   position=int(positions.max()) + 1, logits=out.logits[:, -1])
+
+    def _rope_index(self):
+        """The model's get_rope_index (the Qwen-VL families have one), also under LoRA adapters."""
+        return next(m.get_rope_index for m in self.model.modules() if hasattr(m, "get_rope_index"))
+
+    def _decode(self, rows):
+        """Sample each row's reply: all rows one token a step, left-padded to one batch; a row is
+        done when it closes its turn or has max_new_tokens, and then keeps its prompt and reply
+        (all but the reply's last token, never fed) in ids and cache."""
+        end, device = self.ids["<|im_end|>"], self.model.device
+        width = max(len(row.ids) for row in rows)
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)   # 1: a token, 0: padding or room
+        layers = []
+        for layer in zip(*[row.cache for row in rows]):
+            keys, values = (torch.zeros(len(rows), t.shape[1], width, t.shape[3], dtype=t.dtype, device=device)
+                            for t in layer[0])
+            for i, (k, v) in enumerate(layer):
+                keys[i, :, width - k.shape[2]:], values[i, :, width - v.shape[2]:] = k[0], v[0]
+            layers.append((keys, values))
+        for i, row in enumerate(rows):
+            mask[i, width - len(row.ids):] = 1
+        cache, mask = self._with_room(layers, mask)
+        lines, filled = list(range(len(rows))), width   # lines: the row each line of the batch decodes
+        positions = torch.tensor([row.position for row in rows], device=device)
+        logits = torch.cat([row.logits for row in rows])
+        while True:
+            tokens = self._sample(logits)
+            for b, (i, token) in enumerate(zip(lines, tokens.tolist())):
+                if i is None:   # a finished row's line, decoding what nobody reads until it is dropped
+                    continue
+                row = rows[i]
+                row.sampled.append(token)
+                if token == end or len(row.sampled) == self.max_new_tokens:
+                    row.ids = row.ids + row.sampled[:-1]
+                    used = (mask[b, :filled] == 1).nonzero()[:, 0]   # its tokens, without its left padding
+                    row.cache = [(layer.keys[b:b + 1, :, used], layer.values[b:b + 1, :, used])
+                                 for layer in cache.layers]
+                    lines[b] = None
+            stay = [b for b, i in enumerate(lines) if i is not None]
+            if not stay:
+                return
+            # dropping lines copies the whole cache: it waits until a quarter of them are finished
+            if 4 * (len(lines) - len(stay)) >= len(lines) or filled == mask.shape[1]:
+                # the lines that go on, without the columns none of them uses, and fresh room
+                first = int(mask[stay, :filled].any(0).nonzero()[0])
+                cache, mask = self._with_room([(layer.keys[stay, :, first:filled], layer.values[stay, :, first:filled])
+                                               for layer in cache.layers], mask[stay, first:filled])
+                lines, positions, tokens, filled = [lines[b] for b in stay], positions[stay], tokens[stay], filled - first
+            mask[:, filled] = 1
+            out = self.model(input_ids=tokens[:, None], attention_mask=mask, cache=cache, use_cache=True,
+                             position_ids=positions.view(1, -1, 1).expand(3, -1, -1), logits_to_keep=1)
+            positions, logits, filled = positions + 1, out.logits[:, -1], filled + 1
+
+    def _with_room(self, layers, mask) -> tuple:
+        """A cache written in place, holding `layers` ((keys, values) per layer) and ROOM free
+        columns after them, and the mask widened to match."""
+        from transformers import StaticCache
+        cache = StaticCache(config=self.model.config, max_cache_len=mask.shape[1] + self.ROOM)
+        for index, (keys, values) in enumerate(layers):
+            cache.update(keys, values, index)
+        return cache, torch.cat([mask, mask.new_zeros(len(mask), self.ROOM)], dim=1)
+
+    def _sample(self, logits):
+        """Greedy at temperature 0, else a draw from softmax(logits / temperature)."""
+        logits = logits.float()
+        if self.temperature == 0:
+            return logits.argmax(-1)
+        return torch.multinomial(torch.softmax(logits / self.temperature, dim=-1), 1).squeeze(1)
+
+
+def shared_tokens(ids, image_keys, starts, row) -> int:
+    """How many first tokens of a rendered prompt (ids; its images' keys and first tokens) a row's
+    cache holds: up to the first token that differs, or an image that shows another picture."""
+    n = min(len(ids), len(row.ids))
+    differ = np.flatnonzero(np.asarray(ids[:n]) != np.asarray(row.ids[:n]))
+    shared = int(differ[0]) if len(differ) else n
+    for k, start in enumerate(starts):
+        if start < shared and (k >= len(row.images) or row.images[k] != image_keys[k]):
+            return start
+    return shared
+
+
+@dataclass
+class Row:
+    """One conversation inside VLMPolicy.act: the tokens fed so far and their keys and values (a
+    (keys, values) pair per layer, batch of one), its images' keys, the position and logits of its
+    next token, and the tokens sampled in this call."""
+    ids: list
+    images: list
+    cache: list
+    position: int
+    logits: torch.Tensor
+    sampled: list = field(default_factory=list)
 
 
 def logprobs_from_logits(logits, input_ids, temperature=1.0):

@@ -62,6 +62,120 @@ def test_act_returns_one_reply_per_conversation(policy):
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
 
 
+# ---- act(): its sampling loop against model.generate on the freshly rendered conversation ----------
+
+@pytest.fixture(scope="module", params=["tiny", "qwen2_5_vl"])
+def sharp_policy(request, tmp_path_factory):
+    """The tiny policy, and a tiny random Qwen2.5-VL, with their weight matrices scaled up: a fresh
+    random model writes the same token whatever it reads, a sharpened one answers every token and
+    image differently, so a reply shows what the model was given."""
+    if request.param == "tiny":
+        policy = tools.tiny_policy([tools.message_text(m) for m in CONVERSATION] * 20, image_side=64)
+    else:
+        policy = tools.load_policy(str(tiny_real_model(tmp_path_factory.mktemp("m") / "m", request.param)))
+    with torch.no_grad():
+        for weight in policy.model.parameters():
+            if weight.ndim == 2:
+                weight.mul_(3)
+    policy.temperature, policy.max_new_tokens = 0.0, 10
+    policy.ROOM = 3   # the decoding batch's cache fills up and is rebuilt every few tokens
+    return policy
+
+
+def generated(policy, messages) -> str:
+    """The straightforward path: model.generate on the whole conversation, rendered afresh, decoded
+    as the wrapper decodes a reply."""
+    inputs = policy._model_inputs(policy.encode([messages], add_generation_prompt=True))
+    sampling = dict(do_sample=False) if policy.temperature == 0 else \
+        dict(do_sample=True, temperature=policy.temperature, top_k=0, top_p=1.0)
+    with torch.no_grad():
+        out = policy.model.generate(**inputs, max_new_tokens=policy.max_new_tokens, eos_token_id=policy.ids["<|im_end|>"],
+                                    pad_token_id=policy.ids["<|endoftext|>"], **sampling)
+    new, end = out[0, inputs["input_ids"].shape[1]:].tolist(), policy.ids["<|im_end|>"]
+    return policy.tokenizer.decode(new[:new.index(end)] if end in new else new, skip_special_tokens=True)
+
+
+def tool_turn(k):
+    """An observation with a new image (a mask-like one of its own shade)."""
+    return {"role": "tool", "name": "image_gen", "content": [{"type": "text", "text": f'{{"image_index": {k}}}'},
+                                                             {"type": "image", "image": np.full((64, 64), 30 * k % 256, np.uint8)}]}
+
+
+def test_greedy_act_writes_what_generate_writes_turn_after_turn(sharp_policy):
+    """Three conversations of different lengths, played together for four turns as the runner
+    plays them (each grows by a reply and an observation with an image; the third by a reply the
+    policy did not write): every reply is model.generate's on the freshly rendered conversation,
+    and a later turn prefills only what was appended. Kept keys are not used for another image:
+    with its first image swapped, a conversation is prefilled again from that image on."""
+    policy = sharp_policy
+    conversations = [list(c) for c in (CONVERSATION[:2], CONVERSATION[:4],
+                                       CONVERSATION[:4] + [CONVERSATION[2], tool_turn(4)])]
+    prefilled = []   # the length of every model call's input; act() starts with a prefill a conversation
+    hook = policy.model.register_forward_pre_hook(lambda _, __, kw: prefilled.append(kw["input_ids"].shape[1]),
+                                                  with_kwargs=True)
+    try:
+        before = None
+        for turn in range(4):
+            if turn == 3:
+                first = conversations[0][1]
+                swapped = {**first, "content": [{"type": "image", "image": np.full((64, 64, 3), 200, np.uint8)},
+                                                first["content"][1]]}
+                assert generated(policy, conversations[0]) != generated(policy, [conversations[0][0], swapped,
+                                                                                 *conversations[0][2:]])
+                conversations[0][1] = swapped
+            prefilled.clear()
+            replies = policy.act(conversations)
+            rendered = [policy.encode([c], add_generation_prompt=True)["input_ids"][0].tolist() for c in conversations]
+            assert replies == [generated(policy, c) for c in conversations], turn
+            if before:
+                for k in (1, 2) if turn == 3 else (0, 1, 2):
+                    assert prefilled[k] <= len(rendered[k]) - len(before[k]), (turn, k)
+            if turn == 3:
+                assert prefilled[0] == len(rendered[0]) - rendered[0].index(policy.ids["<|image_pad|>"])
+            before = rendered
+            for k, (conversation, reply) in enumerate(zip(conversations, replies)):
+                conversation += [{"role": "assistant", "content": CONVERSATION[2]["content"] if k == 2 else reply},
+                                 tool_turn(turn + 5)]
+    finally:
+        hook.remove()
+    assert len(set(replies)) == 3
+
+
+def test_sampling_draws_what_generate_draws_and_is_seeded(sharp_policy):
+    """One conversation, at temperature 1: act() consumes the random generator as model.generate
+    does (one draw from softmax(logits / T) a token), so with the same seed both write the same
+    reply, turn after turn; several conversations at once are deterministic for a seed."""
+    policy = sharp_policy
+    policy.temperature = 1.0
+    try:
+        conversation = list(CONVERSATION[:4])
+        for turn in range(3):
+            torch.manual_seed(turn)
+            reply = policy.act([conversation])[0]
+            torch.manual_seed(turn)
+            assert reply == generated(policy, conversation)
+            conversation += [{"role": "assistant", "content": reply}, tool_turn(turn + 5)]
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            runs.append(policy.act([list(CONVERSATION[:2]), list(CONVERSATION[:4])]))
+        assert runs[0] == runs[1]
+    finally:
+        policy.temperature = 0.0
+
+
+def test_sampling_follows_the_tempered_softmax(policy):
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(20000, 1)
+    torch.manual_seed(0)
+    for temperature in (0.7, 1.0):
+        policy.temperature = temperature
+        counts = torch.bincount(policy._sample(logits), minlength=4).float() / len(logits)
+        assert torch.allclose(counts, torch.softmax(logits[0] / temperature, -1), atol=0.01)
+    policy.temperature = 0.0
+    assert (policy._sample(logits[:3]) == 0).all()
+    policy.temperature = 1.0
+
+
 def test_save_and_load_round_trip(policy, tmp_path):
     policy.save(tmp_path / "m")
     again = tools.VLMPolicy.load(tmp_path / "m")
