@@ -131,7 +131,9 @@ def train(row, args) -> float:
 def held_out(row, dataset, plan, args) -> dict:
     """The row's greedy episodes on the held-out prompts, scored by the default reward."""
     rl_args = rl.get_args([])
-    toolbox = tools.Toolbox(tools.parse_tools_flag(row.get("tools", ALL_TOOLS)))
+    # judged as rl.py's held-out evaluation judges: calibrated on the training categories' references
+    toolbox = tools.Toolbox(tools.parse_tools_flag(row.get("tools", ALL_TOOLS)),
+                            references=tools.reference_stats(dataset, dataset.train_categories))
     tasks = [tools.make_task(dataset, p) for p in plan]
     if row.get("method") == "fixed-prompt":
         scores = []
