@@ -81,6 +81,7 @@ def get_args(argv=None):
     run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     run.add_argument("--rollouts", type=int, default=2, help="episodes per (category, type) in the final evaluation (0: none)")
     run.add_argument("--max-turns", type=int, default=10, help="turns per evaluation episode")
+    run.add_argument("--max-new-tokens", type=int, default=384, help="longest assistant turn in the evaluation")
     run.add_argument("--seed", type=int, default=0, help="seed of initialization, order and sampling")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     tools.add_backend_flags(p)   # the final rollout evaluation's tools
@@ -94,7 +95,7 @@ def check_flags(args) -> None:
     def require(ok, flag, allowed):
         if not ok:
             raise tools.UserError(f"--{flag} must be {allowed}, not {getattr(args, flag.replace('-', '_'))}")
-    for flag in ("batch-size", "micro-batch", "eval-every", "save-every", "max-turns", "lora-rank"):
+    for flag in ("batch-size", "micro-batch", "eval-every", "save-every", "max-turns", "max-new-tokens", "lora-rank"):
         require(getattr(args, flag.replace("-", "_")) >= 1, flag, "at least 1")
     require(args.rollouts >= 0, "rollouts", "at least 0 (0: no rollout evaluation)")
     for flag in ("epochs", "lr", "grad-clip"):
@@ -230,6 +231,7 @@ def rollout_evaluation(policy, args, dataset):
     plan = tools.plan_tasks(dataset, per_type=args.rollouts, seed=args.seed)
     policy.model.eval()
     policy.temperature = 0.0   # greedy: the policy's best guess at every turn
+    policy.max_new_tokens = args.max_new_tokens
     records, toolbox = [], tools.make_toolbox(args, dataset=dataset, categories=dataset.eval_categories)
     for i in tqdm(range(0, len(plan), 16), desc="rollout evaluation"):
         tasks = [tools.make_task(dataset, t) for t in plan[i:i + 16]]

@@ -321,7 +321,7 @@ def trajectories(toy_root, tmp_path_factory):
 
 def sft_args(trajectories, toy_root, out, *extra):
     return ["--trajectories", trajectories, "--data-root", toy_root, "--out", out, "--batch-size", "2",
-            "--micro-batch", "2", "--eval-every", "2", "--rollouts", "1", "--max-turns", "2", *extra]
+            "--micro-batch", "2", "--eval-every", "2", "--rollouts", "1", "--max-turns", "2", "--max-new-tokens", "24", *extra]
 
 
 def test_renaming_uses_made_up_names_everywhere_but_the_system_prompt():
