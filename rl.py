@@ -8,8 +8,9 @@ rl.py -- multi-turn GRPO with the three rewards (docs/METHOD.md sections 5-6), w
 
 Each step:
 1. rollout: --prompts-per-step prompts (a normal image of a training-group category and an anomaly
-   type), each played --group-size times at --temperature against the real tools, all live episodes
-   answered by one batched policy call per turn (tools.run_episodes);
+   type; the steps deal the (category, type) pairs in turn), each played --group-size times at
+   --temperature against the real tools, all live episodes answered by one batched policy call per
+   turn (tools.run_episodes);
 2. rewards: R = alpha * R_task + beta * R_ref + gamma * R_beh per trajectory (rewards.py);
 3. advantages: normalized within each prompt's group; groups whose rewards are all equal carry no
    signal and are dropped;
@@ -185,6 +186,26 @@ def prompt_pool(dataset, seed) -> list:
     """Every (normal training image, category, type) of the training group: the RL prompts."""
     n = max(len(dataset.train_good[c]) for c in dataset.train_categories)
     return tools.plan_tasks(dataset, ",".join(dataset.train_categories), per_type=n, seed=seed)
+
+
+def step_prompts(pool, n, step, seed) -> list:
+    """The n prompts of a step, spread over the (category, type) pairs: the pairs are dealt in
+    cycles, each cycle a fresh seeded order of all of them, and a step takes the next n deals (each
+    with a random image of its pair). With a uniform draw from the pool, a step trains a few pairs
+    while the weights they share with the rest move those too, unchecked; dealing the pairs in
+    turn keeps every pair in the updates. A function of (seed, step) only, so a resumed run draws
+    what the uninterrupted one would."""
+    by_pair = {}
+    for p in pool:
+        by_pair.setdefault((p["category"], p["anomaly_type"]), []).append(p)
+    pairs = sorted(by_pair)
+    prompts = []
+    for deal in range(step * n, step * n + n):
+        cycle, place = divmod(deal, len(pairs))
+        order = random.Random(tools.stable_seed(seed, "cycle", cycle)).sample(pairs, len(pairs))
+        choices = by_pair[order[place]]
+        prompts.append(choices[tools.stable_seed(seed, "image", deal) % len(choices)])
+    return prompts
 
 
 def validation_prompts(dataset, per_type, seed) -> list:
@@ -519,7 +540,7 @@ def main(argv=None):
                disable=not tools.is_main())
     for step in bar:
         started = time.time()
-        prompts = random.Random(tools.stable_seed(args.seed, step)).sample(pool, args.prompts_per_step)
+        prompts = step_prompts(pool, args.prompts_per_step, step, args.seed)
         # each rank plays its share of the prompts, whole groups
         records = rollout(policy, dataset, tools.shard(prompts), args.group_size, toolbox, args.max_turns)
         parts = score(records, args)

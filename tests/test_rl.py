@@ -181,6 +181,22 @@ def test_ref_baseline_flag_reaches_the_reward():
         assert rl.score([record], rl.get_args(["--ref-baseline", flag]))[0]["reflection"] == pytest.approx(expected)
 
 
+def test_steps_deal_every_category_type_pair_in_turn(toy):
+    pool = rl.prompt_pool(toy, 0)
+    pairs = {(p["category"], p["anomaly_type"]) for p in pool}
+    pair = lambda p: (p["category"], p["anomaly_type"])   # noqa: E731
+    # 4 prompts a step: the first len(pairs) deals hold every pair once, whichever steps they fall in
+    deals = [p for step in range(4) for p in rl.step_prompts(pool, 4, step, seed=0)]
+    assert sorted(map(pair, deals[:len(pairs)])) == sorted(pairs)
+    # a step of as many prompts as pairs covers them all, each on a training image of its pair
+    for step in range(3):
+        prompts = rl.step_prompts(pool, len(pairs), step, seed=0)
+        assert {pair(p) for p in prompts} == pairs and all(p in pool for p in prompts)
+    # a function of (seed, step): a resumed run draws the same prompts; another seed, others
+    assert rl.step_prompts(pool, 4, 7, seed=0) == rl.step_prompts(pool, 4, 7, seed=0)
+    assert [p["id"] for s in range(4) for p in rl.step_prompts(pool, 4, s, seed=1)] != [p["id"] for p in deals]
+
+
 def test_learning_rate_warms_up_then_stays():
     def schedule(**flags):
         args = rl.get_args([f"--{k.replace('_', '-')}={v}" for k, v in flags.items()])
