@@ -2,22 +2,22 @@
 benchmarks/rollout.py -- times rl.py's rollout of the same prompts at G = 1, 2, 4 and 8 episodes a
 prompt, and the GRPO update on each rollout's groups, and prints a table.
 
-    python benchmarks/rollout.py --threads 1                          # runs/sft, rl.py's first step's prompts
+    python benchmarks/rollout.py --threads 1                          # runs/sft, 4 prompts from rl.py's pool
     python benchmarks/rollout.py --threads 1 --compare-with 3bb38fb   # and the code of that revision, side by side
     python benchmarks/rollout.py --threads 1 --prompts 1              # its first prompt alone
 
-A rollout is rl.py's, on the CPU: --prompts prompts (the first that rl.py's first step plays),
-each played G times at the policy's rl.py temperature against the offline tools, every live
-episode answered by one batched policy call a turn. The update is rl.update on the rollout's
-groups (none at G = 1: a group of one carries no signal). Each (code, G) runs in a fresh process
-that first plays one warm-up turn, so one-time costs stay out of the timings; with --compare-with
-the two codes take turns, so a busy machine slows both alike, and --repeats N plays each rollout N
-times (the same seed: the same episodes) and keeps the fastest. Columns: episodes a second and
-reply tokens (the tokenized assistant turns, each with its end token) a second of the rollout, and
-the shares of rollout + update spent in generation (the model), encoding (rendering conversations,
-the image processor), the tools (the rest of the rollout) and the update. Below the table: the
-G = 8 rollout's time over the G = 1 rollout's, and with --compare-with the episodes a second at
-G = 8 over those of the older code.
+A rollout is rl.py's, on the CPU: --prompts prompts (a seeded draw from rl.py's prompt pool, the
+same for every code compared), each played G times at the policy's rl.py temperature against the
+offline tools, every live episode answered by one batched policy call a turn. The update is
+rl.update on the rollout's groups (none at G = 1: a group of one carries no signal). Each (code, G)
+runs in a fresh process that first plays one warm-up turn, so one-time costs stay out of the
+timings; with --compare-with the two codes take turns, so a busy machine slows both alike, and
+--repeats N plays each rollout N times (the same seed: the same episodes) and keeps the fastest.
+Columns: episodes a second and reply tokens (the tokenized assistant turns, each with its end token)
+a second of the rollout, and the shares of rollout + update spent in generation (the model),
+encoding (rendering conversations, the image processor), the tools (the rest of the rollout) and the
+update. Below the table: the G = 8 rollout's time over the G = 1 rollout's, and with --compare-with
+the episodes a second at G = 8 over those of the older code.
 """
 import argparse
 import contextlib
@@ -40,7 +40,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", default="runs/sft", help="the policy folder (sft.py's output)")
-    p.add_argument("--prompts", type=int, default=4, help="prompts per rollout (rl.py's --prompts-per-step)")
+    p.add_argument("--prompts", type=int, default=4, help="prompts per rollout (as rl.py's --prompts-per-step)")
     p.add_argument("--compare-with", default=None, help="a git revision whose code is timed too, side by side")
     p.add_argument("--repeats", type=int, default=1, help="plays of each rollout (same episodes); the fastest counts")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 when the cores are shared)")

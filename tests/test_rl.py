@@ -319,7 +319,7 @@ rl.main(sys.argv[1:])
     result = run_torchrun(script, 2, *args)
     assert result.returncode == 0, result.stderr
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    prompts = random.Random(tools.stable_seed(0, 0)).sample(rl.prompt_pool(toy, 0), 2)
+    prompts = rl.step_prompts(rl.prompt_pool(toy, 0), 2, 0, 0)
     rewards = [tools.stable_seed(f"{p['id']}/{g}") % 7 for p in prompts for g in range(2)]
     assert metrics[1]["episodes"] == 4 and metrics[1]["reward_mean"] == pytest.approx(np.mean(rewards))
     assert metrics[1]["groups_kept"] == sum(a != b for a, b in zip(rewards[::2], rewards[1::2]))
