@@ -2158,12 +2158,9 @@ class VLMPolicy:
     #   copies of a GRPO group's prompt), and each picture goes through the image processor once.
     #   Kept tokens count only as far as they equal the freshly rendered conversation's (the reply
     #   is re-tokenized, as training sees it) and, where images are, show the same pictures;
-    # - a new conversation prefills on its own (no padding); what the others appended goes through
-    #   the model together, as one block, the batch's first step (one forward pass per turn instead
-    #   of one per conversation: on a small model each pass costs more in overhead than in
-    #   arithmetic); then all decode together, one token a step, into a cache written in place (a
-    #   growing one copies itself every step); a conversation leaves the batch as soon as it
-    #   closes its turn.
+    # - each conversation prefills on its own (no padding); then all decode together, one token a
+    #   step, into a cache written in place (a growing one copies itself every step); a
+    #   conversation leaves the batch as soon as it closes its turn.
     # Greedy, it writes what model.generate writes from the freshly rendered conversation (tests
     # check both); sampling draws from softmax(logits / temperature), no top-k or top-p: the
     # distribution token_logprobs scores. The kept caches belong to the weights that made them:
@@ -2177,19 +2174,8 @@ class VLMPolicy:
         rows = []
         with torch.no_grad():
             for messages in conversations:
-                # its own cache from the last turn, or (a new one) the longest shared beginning
-                # that a row of this call holds
                 own = kept.get(id(messages))
-                row = self._plan(messages, [own[1]] if own else rows, images)
-                if not row.cache:   # nothing starts it: it goes now, so that rows after it can start from it
-                    self._prefill(row)
-                rows.append(row)   # the rest of a row goes through the model with the others', in one block
-            # the block is as wide as its longest row; a row that appended far more than most goes
-            # alone rather than make every other row pad to its length
-            lengths = sorted(len(row.pending) for row in rows if row.pending)
-            for row in rows:
-                if lengths and len(row.pending) > 2 * lengths[len(lengths) // 2]:
-                    self._prefill(row)
+                rows.append(self._prefill(messages, [own[1]] if own else rows, images))
             self._decode(rows)
         for messages, row in zip(conversations, rows):
             # the entry holds the conversation, so that its id names no other list while kept
@@ -2210,49 +2196,36 @@ class VLMPolicy:
             self._images[key] = (processed["pixel_values"], processed["image_grid_thw"][0])
         return (key, *self._images[key])
 
-    def _plan(self, messages, candidates, images_before) -> "Row":
-        """A conversation's rendered prompt against the candidate rows: a row holding the keys and
-        values of the longest beginning it shares with one of them, and the rest (its tokens,
-        their positions and the new pictures among them) still to go through the model."""
+    def _prefill(self, messages, candidates, images_before) -> "Row":
+        """A conversation's prompt through the model after the longest beginning it shares with one
+        of the candidate rows: the row, with its cache and its next token's logits."""
+        from transformers import DynamicCache
         images = [self._image_inputs(part, images_before) for part in image_parts(messages)]
         ids, _ = self._render(messages, [int(grid.prod()) // self.merge for _, _, grid in images],
                               add_generation_prompt=True)
         pad, device = self.ids["<|image_pad|>"], self.model.device
         starts = [t for t in range(1, len(ids)) if ids[t] == pad and ids[t - 1] != pad]   # each image's first token
         reuse, source = 0, None
-        for row in candidates:   # (a row's pending tokens have no keys and values yet)
-            shared = min(shared_tokens(ids, [key for key, _, _ in images], starts, row), len(row.ids) - len(row.pending))
+        for row in candidates:
+            shared = shared_tokens(ids, [key for key, _, _ in images], starts, row)
             if shared > reuse:
                 reuse, source = shared, row
         reuse = min(reuse, len(ids) - 1)   # the last prompt token is fed again: its logits start the reply
+        new = [k for k, start in enumerate(starts) if start >= reuse]
+        vision = {"pixel_values": torch.cat([images[k][1] for k in new]).to(device),
+                  "image_grid_thw": torch.stack([images[k][2] for k in new]).to(device)} if new else {}
         tokens = torch.tensor([ids], device=device)
         # the model's own multimodal positions (t, h, w of every token, from the images' grids)
         positions, _ = self._rope_index()(
             tokens, mm_token_type_ids=(tokens == pad).long(),
             image_grid_thw=torch.stack([grid for _, _, grid in images]).to(device) if images else None)
-        return Row(ids=ids, images=[key for key, _, _ in images], position=int(positions.max()) + 1, logits=None,
-                   cache=[(keys[:, :, :reuse], values[:, :, :reuse]) for keys, values in source.cache] if reuse else [],
-                   pending=ids[reuse:], pending_positions=positions[:, 0, reuse:],
-                   pending_images=[(pixels, grid) for k, (_, pixels, grid) in enumerate(images) if starts[k] >= reuse])
-
-    def _prefill(self, row) -> "Row":
-        """A planned row's rest through the model on its own: its cache then holds its whole
-        prompt, and its logits start the reply."""
-        from transformers import DynamicCache
-        device = self.model.device
-        out = self.model(input_ids=torch.tensor([row.pending], device=device),
-                         attention_mask=torch.ones(1, len(row.ids), dtype=torch.long, device=device),
-                         position_ids=row.pending_positions[:, None], cache=DynamicCache(row.cache or None),
-                         use_cache=True, logits_to_keep=1, **self._vision(row.pending_images))
-        row.cache, row.logits = [(k, v) for k, v, _ in out.cache], out.logits[:, -1]
-        row.pending, row.pending_images = [], []
-        return row
-
-    def _vision(self, images) -> dict:
-        """The model's picture inputs for (pixel values, grid) pairs, in the order their tokens come."""
-        device = self.model.device
-        return {"pixel_values": torch.cat([pixels for pixels, _ in images]).to(device),
-                "image_grid_thw": torch.stack([grid for _, grid in images]).to(device)} if images else {}
+        cache = DynamicCache([(keys[:, :, :reuse], values[:, :, :reuse]) for keys, values in source.cache]
+                             if reuse else None)
+        out = self.model(input_ids=tokens[:, reuse:], attention_mask=torch.ones_like(tokens),
+                         position_ids=positions[:, :, reuse:], cache=cache, use_cache=True, logits_to_keep=1,
+                         **vision)
+        return Row(ids=ids, images=[key for key, _, _ in images], cache=[(k, v) for k, v, _ in out.cache],
+                   position=int(positions.max()) + 1, logits=out.logits[:, -1])
 
     def _rope_index(self):
         """The model's get_rope_index (the Qwen-VL families have one), also under LoRA adapters."""
@@ -2261,12 +2234,9 @@ class VLMPolicy:
     def _decode(self, rows):
         """Sample each row's reply: all rows one token a step, left-padded to one batch; a row is
         done when it closes its turn or has max_new_tokens, and then keeps its prompt and reply
-        (all but the reply's last token, never fed) in ids and cache. The rows' pending tokens
-        (what a conversation appended since its last turn) go first, as one block: each row's
-        right-aligned in it, the gap before them masked out."""
+        (all but the reply's last token, never fed) in ids and cache."""
         end, device = self.ids["<|im_end|>"], self.model.device
-        width = max(len(row.ids) - len(row.pending) for row in rows)   # the cached columns
-        block = max(len(row.pending) for row in rows)
+        width = max(len(row.ids) for row in rows)
         mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)   # 1: a token, 0: padding or room
         layers = []
         for layer in zip(*[row.cache for row in rows]):
@@ -2276,23 +2246,9 @@ class VLMPolicy:
                 keys[i, :, width - k.shape[2]:], values[i, :, width - v.shape[2]:] = k[0], v[0]
             layers.append((keys, values))
         for i, row in enumerate(rows):
-            mask[i, width - (len(row.ids) - len(row.pending)):] = 1
-        cache, mask = self._with_room(layers, mask, block + self.ROOM)
-        if block:
-            tokens = torch.full((len(rows), block), self.ids["<|endoftext|>"], dtype=torch.long, device=device)
-            positions = torch.zeros(3, len(rows), block, dtype=torch.long, device=device)
-            for i, row in enumerate(rows):
-                if row.pending:
-                    tokens[i, block - len(row.pending):] = torch.tensor(row.pending, device=device)
-                    positions[:, i, block - len(row.pending):] = row.pending_positions
-                    mask[i, width + block - len(row.pending):width + block] = 1
-            out = self.model(input_ids=tokens, attention_mask=mask, cache=cache, use_cache=True,
-                             position_ids=positions, logits_to_keep=1,
-                             **self._vision([image for row in rows for image in row.pending_images]))
-            for i, row in enumerate(rows):
-                if row.pending:
-                    row.logits, row.pending, row.pending_images = out.logits[i:i + 1, -1], [], []
-        lines, filled = list(range(len(rows))), width + block   # lines: the row each line of the batch decodes
+            mask[i, width - len(row.ids):] = 1
+        cache, mask = self._with_room(layers, mask)
+        lines, filled = list(range(len(rows))), width   # lines: the row each line of the batch decodes
         positions = torch.tensor([row.position for row in rows], device=device)
         logits = torch.cat([row.logits for row in rows])
         while True:
@@ -2323,15 +2279,14 @@ class VLMPolicy:
                              position_ids=positions.view(1, -1, 1).expand(3, -1, -1), logits_to_keep=1)
             positions, logits, filled = positions + 1, out.logits[:, -1], filled + 1
 
-    def _with_room(self, layers, mask, room=None) -> tuple:
-        """A cache written in place, holding `layers` ((keys, values) per layer) and `room` (ROOM)
-        free columns after them, and the mask widened to match."""
+    def _with_room(self, layers, mask) -> tuple:
+        """A cache written in place, holding `layers` ((keys, values) per layer) and ROOM free
+        columns after them, and the mask widened to match."""
         from transformers import StaticCache
-        room = room or self.ROOM
-        cache = StaticCache(config=self.model.config, max_cache_len=mask.shape[1] + room)
+        cache = StaticCache(config=self.model.config, max_cache_len=mask.shape[1] + self.ROOM)
         for index, (keys, values) in enumerate(layers):
             cache.update(keys, values, index)
-        return cache, torch.cat([mask, mask.new_zeros(len(mask), room)], dim=1)
+        return cache, torch.cat([mask, mask.new_zeros(len(mask), self.ROOM)], dim=1)
 
     def _sample(self, logits):
         """Greedy at temperature 0, else a draw from softmax(logits / temperature)."""
@@ -2355,17 +2310,14 @@ def shared_tokens(ids, image_keys, starts, row) -> int:
 
 @dataclass
 class Row:
-    """One conversation inside VLMPolicy.act: its prompt's tokens, the keys and values of all but
-    the pending ones (a (keys, values) pair per layer, batch of one), its images' keys, the position
-    and logits of its next token, and the tokens sampled in this call."""
+    """One conversation inside VLMPolicy.act: the tokens fed so far and their keys and values (a
+    (keys, values) pair per layer, batch of one), its images' keys, the position and logits of its
+    next token, and the tokens sampled in this call."""
     ids: list
     images: list
     cache: list
     position: int
     logits: torch.Tensor
-    pending: list = field(default_factory=list)   # the ids' last tokens, not yet through the model
-    pending_positions: torch.Tensor = None        # their positions, (3, len(pending))
-    pending_images: list = field(default_factory=list)   # (pixel values, grid) of pictures among them
     sampled: list = field(default_factory=list)
 
 

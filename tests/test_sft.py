@@ -110,13 +110,9 @@ def test_greedy_act_writes_what_generate_writes_turn_after_turn(sharp_policy):
     policy = sharp_policy
     conversations = [list(c) for c in (CONVERSATION[:2], CONVERSATION[:4],
                                        CONVERSATION[:4] + [CONVERSATION[2], tool_turn(4)])]
-    prefilled, plan = [], policy._plan   # per conversation, the tokens act() puts through the model
-
-    def spy(*args):
-        row = plan(*args)
-        prefilled.append(len(row.pending))
-        return row
-    policy._plan = spy
+    prefilled = []   # the length of every model call's input; act() starts with a prefill a conversation
+    hook = policy.model.register_forward_pre_hook(lambda _, __, kw: prefilled.append(kw["input_ids"].shape[1]),
+                                                  with_kwargs=True)
     try:
         before = None
         for turn in range(4):
@@ -141,7 +137,7 @@ def test_greedy_act_writes_what_generate_writes_turn_after_turn(sharp_policy):
                 conversation += [{"role": "assistant", "content": CONVERSATION[2]["content"] if k == 2 else reply},
                                  tool_turn(turn + 5)]
     finally:
-        del policy._plan
+        hook.remove()
     assert len(set(replies)) == 3
 
 
