@@ -182,11 +182,8 @@ def measure(row, dataset, plan, args) -> dict:
     result = json.loads(path.read_text()) if path.is_file() else {"label": row["label"]}
 
     def save():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, path)
+        tools.write_json(path, result)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     if "train" in row and "train_seconds" not in result:
         result["train_seconds"] = train(row, args)
         save()
@@ -252,7 +249,7 @@ def main(argv=None):
             results[row["key"]] = json.loads((ROOT / args.out / "rows" / f"{row['key']}.json").read_text())
     table = markdown(rows, results, args, len(plan))
     out = ROOT / args.out / "table.md"
-    out.write_text(table)
+    tools.write_atomic(out, table)
     print("\n" + table + f"\nwritten: {out} ({(time.perf_counter() - started) / 60:.1f} min this run)")
 
 
