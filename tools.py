@@ -2109,9 +2109,9 @@ class VLMPolicy:
             mask += [trainable] * repeat
         return ids, mask
 
-    def encode(self, conversations, add_generation_prompt=False, pad_left=False):
-        """A padded batch: input_ids, attention_mask, assistant_mask, mm_token_type_ids and the
-        images' pixel_values and image_grid_thw."""
+    def encode(self, conversations, add_generation_prompt=False):
+        """A batch padded on the right: input_ids, attention_mask, assistant_mask, mm_token_type_ids
+        and the images' pixel_values and image_grid_thw."""
         rows, images = [], []
         for messages in conversations:
             imgs = conversation_images(messages, self.image_root)
@@ -2127,7 +2127,7 @@ class VLMPolicy:
                  for k in ("input_ids", "attention_mask", "assistant_mask")}
         batch["input_ids"].fill_(pad)
         for i, (ids, mask) in enumerate(rows):
-            span = slice(width - len(ids), width) if pad_left else slice(0, len(ids))
+            span = slice(0, len(ids))
             batch["input_ids"][i, span] = torch.tensor(ids)
             batch["attention_mask"][i, span] = 1
             batch["assistant_mask"][i, span] = torch.tensor(mask)
@@ -2144,10 +2144,21 @@ class VLMPolicy:
     # -- training --------------------------------------------------------------------------------
     def token_logprobs(self, batch, temperature=1.0):
         """log p(token_t | tokens_<t) for t = 1..T-1 from temperature-scaled logits, and the mask of
-        the tokens the policy wrote."""
+        the tokens the policy wrote. Only the positions where some row predicts a written token go
+        through the language-model head (logp is 0 at the others): the system prompt, observations
+        and images, most of a conversation, need no logits."""
         inputs = self._model_inputs(batch)
-        logp = logprobs_from_logits(self.model(**inputs).logits, inputs["input_ids"], temperature)
-        return logp, batch["assistant_mask"][:, 1:].to(logp.device).float()
+        # encode pads on the right, after each row's last token, where causal attention never looks
+        # back from: without the padding mask the batch takes the fast causal kernel, and the
+        # tokens' logits stay what they are (the padding's own are never read)
+        inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
+        written = batch["assistant_mask"][:, 1:].to(inputs["input_ids"].device)
+        keep = written.any(0).nonzero()[:, 0]   # position t predicts token t + 1; one index for the batch
+        logits = self.model(**inputs, logits_to_keep=keep).logits.float() / temperature
+        targets = inputs["input_ids"][:, keep + 1, None]
+        picked = torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
+        logp = picked.new_zeros(written.shape).index_copy(1, keep, picked)
+        return logp, written.float()
 
     # -- acting ----------------------------------------------------------------------------------
     # act() writes its own sampling loop instead of calling model.generate, to spare a multi-turn
@@ -2319,12 +2330,6 @@ class Row:
     position: int
     logits: torch.Tensor
     sampled: list = field(default_factory=list)
-
-
-def logprobs_from_logits(logits, input_ids, temperature=1.0):
-    """Each next token's log-probability under the temperature-scaled distribution."""
-    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
 def train_tokenizer(texts, vocab_size=4000, max_token_length=16):
