@@ -143,26 +143,32 @@ def tiny_args(model, toy_root, out, *extra):
 
 
 def test_rl_smoke_and_ablation_flags(tiny_model_dir, toy_root, tmp_path):
-    for name, flags in [("default", []), ("task-only", ["--beta", "0", "--gamma", "0"]),
-                        ("no-kr", ["--tools", "PG,IG,QE,MG"]), ("old-ref", ["--ref-baseline", "first"])]:
+    out = tmp_path / "default"
+    result = run_script("rl.py", *tiny_args(tiny_model_dir, toy_root, out, "--steps", "2"))
+    assert result.returncode == 0, result.stderr
+    assert "Held-out" in result.stdout
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    assert {"reward_mean", "task_std", "behavior_mean", "final_qe", "turns", "well_formed", "groups_kept",
+            "seconds", "eval_reward_mean", "eval_reward_se", "eval_reward_gain", "eval_reward_gain_se",
+            "eval_final_qe_gain_se"} <= set(metrics[-1])
+    assert len(metrics[0]["eval_episode_rewards"]) == len(metrics[-1]["eval_episode_rewards"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["paired_gain"]) == {"eval_reward_gain", "eval_reward_gain_se", "eval_final_qe_gain",
+                                           "eval_final_qe_gain_se"}
+    assert (out / "reward_curve.png").stat().st_size > 0 and (out / "run_config.json").exists()
+    assert tools.VLMPolicy.load(out).model is not None
+    assert [m["lr"] for m in metrics[1:]] == pytest.approx([3e-5 / 4, 3e-5 / 2])   # tiny lr, warming up
+    # each ablation is a flag: one step of each runs to the end and is recorded in the settings
+    for name, flags, saved in [("task-only", ["--beta", "0", "--gamma", "0"], {"beta": 0.0, "gamma": 0.0}),
+                               ("no-kr", ["--tools", "PG,IG,QE,MG"], {"tools": "PG,IG,QE,MG"}),
+                               ("old-ref", ["--ref-baseline", "first"], {"ref_baseline": "first"})]:
         out = tmp_path / name
-        result = run_script("rl.py", *tiny_args(tiny_model_dir, toy_root, out, "--steps", "2", *flags))
+        result = run_script("rl.py", *tiny_args(tiny_model_dir, toy_root, out, "--steps", "1", *flags))
         assert result.returncode == 0, result.stderr
-        assert "Held-out" in result.stdout
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        assert [m["step"] for m in metrics] == [0, 1, 2]
-        assert {"reward_mean", "task_std", "behavior_mean", "final_qe", "turns", "well_formed", "groups_kept",
-                "seconds", "eval_reward_mean", "eval_reward_se", "eval_reward_gain", "eval_reward_gain_se",
-                "eval_final_qe_gain_se"} <= set(metrics[-1])
-        assert len(metrics[0]["eval_episode_rewards"]) == len(metrics[-1]["eval_episode_rewards"])
-        summary = json.loads((out / "summary.json").read_text())
-        assert set(summary["paired_gain"]) == {"eval_reward_gain", "eval_reward_gain_se", "eval_final_qe_gain",
-                                               "eval_final_qe_gain_se"}
-        assert (out / "reward_curve.png").stat().st_size > 0 and (out / "run_config.json").exists()
-        assert tools.VLMPolicy.load(out).model is not None
-        assert [m["lr"] for m in metrics[1:]] == pytest.approx([3e-5 / 4, 3e-5 / 2])   # tiny lr, warming up
-    config = json.loads((tmp_path / "no-kr" / "run_config.json").read_text())
-    assert config["tools"] == "PG,IG,QE,MG"
+        assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+        config = json.loads((out / "run_config.json").read_text())
+        assert {k: config[k] for k in saved} == saved and (out / "summary.json").exists()
 
 
 def test_paired_difference_and_standard_errors():
