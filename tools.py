@@ -2127,10 +2127,9 @@ class VLMPolicy:
                  for k in ("input_ids", "attention_mask", "assistant_mask")}
         batch["input_ids"].fill_(pad)
         for i, (ids, mask) in enumerate(rows):
-            span = slice(0, len(ids))
-            batch["input_ids"][i, span] = torch.tensor(ids)
-            batch["attention_mask"][i, span] = 1
-            batch["assistant_mask"][i, span] = torch.tensor(mask)
+            batch["input_ids"][i, :len(ids)] = torch.tensor(ids)
+            batch["attention_mask"][i, :len(ids)] = 1
+            batch["assistant_mask"][i, :len(ids)] = torch.tensor(mask)
         batch["mm_token_type_ids"] = (batch["input_ids"] == self.ids["<|image_pad|>"]).long()
         if images:
             batch.update(self.image_processor(images=images, return_tensors="pt"))
