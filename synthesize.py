@@ -52,7 +52,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy import ndimage
 from tqdm import tqdm
 
@@ -74,7 +73,7 @@ def get_args(argv=None):
     agent.add_argument("--method", default="agent", help="agent (default), or a baseline: fixed-prompt, draem, cutpaste")
     agent.add_argument("--policy", default="expert", help="expert (scripted), a trained model folder (runs/sft), a Hugging Face id, or a served model: openai:<base-url>#<model>")
     agent.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of a model policy (0: greedy)")
-    agent.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where a model policy runs")
+    agent.add_argument("--device", default=None, help="where a model policy runs: cpu or cuda (default: cuda if there is one)")
     agent.add_argument("--tools", default="PG,IG,QE,KR,MG", help="tools the agent may call (ablations)")
     agent.add_argument("--max-turns", type=int, default=10, help="turns per episode (paper: 10)")
     run = p.add_argument_group("run")

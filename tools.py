@@ -22,6 +22,7 @@ dataset's renderer; this module imports them, and re-exports the few measurement
 import atexit
 import base64
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -39,8 +40,6 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import torch
-import torch.distributed as dist
 from PIL import Image
 from scipy import ndimage
 
@@ -49,6 +48,27 @@ from toy_world import (  # the offline world: the toy dataset's renderer and the
     OfflinePromptWriter, ProceduralPainter, ToolError, background_colour, change_map, contour_steepness,
     elongation, extent_px, foreground_mask, guess_attributes, local_edit_prompt, luminance, region_mask,
     render_anomaly, render_normal)
+
+
+class LazyModule:
+    """A module imported when first used. Importing torch takes about 2 s; the stages that play only
+    the offline tools (build_trajectories.py, synthesize.py with the expert) never use it, so they
+    start in a fraction of that."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attribute):
+        return getattr(importlib.import_module(self._name), attribute)
+
+
+torch = LazyModule("torch")
+dist = LazyModule("torch.distributed")
+
+
+def default_device() -> str:
+    """cuda where a GPU is visible, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 HERE = Path(__file__).resolve().parent
 
@@ -167,10 +187,12 @@ def refuse_changed_settings(out, args, may_change) -> None:
 # one process, rank 0 of 1.
 
 def init_distributed(device) -> None:
-    """Join torchrun's process group (NCCL on GPU, gloo on CPU), each process on its own GPU
-    (LOCAL_RANK). The other ranks' prints go nowhere, so what a run says is rank 0's."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
+    """Join torchrun's process group (NCCL on GPU, gloo on CPU; device None: default_device()), each
+    process on its own GPU (LOCAL_RANK). The other ranks' prints go nowhere, so what a run says is
+    rank 0's."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or distributed():
         return
+    device = device or default_device()
     if device.startswith("cuda"):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))   # "cuda" is now this process's GPU
     # a rank that finished its share waits for the slowest one (at the end of synthesis, or while
@@ -190,16 +212,22 @@ def leave() -> None:
 
 
 def _close_process_group() -> None:
-    if dist.is_initialized():
+    if distributed():
         dist.destroy_process_group()
 
 
+def distributed() -> bool:
+    """Whether this process is in a process group (a process that never imported torch.distributed
+    is not, and checking does not import it)."""
+    return "torch.distributed" in sys.modules and dist.is_initialized()
+
+
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return dist.get_rank() if distributed() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return dist.get_world_size() if distributed() else 1
 
 
 def is_main() -> bool:
@@ -1479,11 +1507,11 @@ def make_toolbox(args, enabled=None, knowledge=None, dataset=None, categories=No
     """The Toolbox with the backends add_backend_flags' flags name, for the enabled tools; with
     --references on, calibrated on the dataset's references of the categories (default: all)."""
     enabled = list(enabled or TOOL_NAMES.values())
-    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = getattr(args, "device", None)
 
     def chat(spec, flag, default):
         if spec.startswith("vlm:"):
-            return LocalChat(spec[len("vlm:"):], f"{flag} vlm:", device, args.vlm_max_new_tokens)
+            return LocalChat(spec[len("vlm:"):], f"{flag} vlm:", device or default_device(), args.vlm_max_new_tokens)
         if spec.startswith("openai:"):
             return ServedChat(ModelServer(spec, args.api_key_env))
         raise UserError(f"{flag} {spec}: use {default}, vlm:<hf-id-or-folder> or openai:<base-url>#<model>")
@@ -1495,7 +1523,8 @@ def make_toolbox(args, enabled=None, knowledge=None, dataset=None, categories=No
         backends["judge"] = ModelJudge(chat(args.qe, "--qe", "measured"))
     if args.ig.startswith("diffusers:"):
         backends["editor"] = DiffusersEditor(args.ig[len("diffusers:"):], args.ig_steps, args.ig_size, args.ig_guidance,
-                                             args.ig_dtype, args.ig_offload, device, args.paste_back)
+                                             args.ig_dtype, args.ig_offload, device or default_device(),
+                                             args.paste_back)
     elif args.ig.startswith("openai:"):
         backends["editor"] = ServedEditor(ModelServer(args.ig, args.api_key_env), args.paste_back)
     elif args.ig != "procedural":
@@ -2033,6 +2062,10 @@ class VLMPolicy:
         tokenizer.chat_template = CHAT_TEMPLATE   # the project's format, whatever a checkpoint brought
         self._kept = {}     # act(): id(conversation) -> (conversation, its Row) of the last call
         self._images = {}   # act(): picture key -> (pixel values, grid) of the last call
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import sdpa_mask
+        AttentionInterface.register("cascade", cascade_attention)   # _decode's, by this name
+        AttentionMaskInterface.register("cascade", sdpa_mask)        # its mask: sdpa's (True: attend)
 
     # -- loading and saving ----------------------------------------------------------------------
     @classmethod
@@ -2170,7 +2203,10 @@ class VLMPolicy:
     #   is re-tokenized, as training sees it) and, where images are, show the same pictures;
     # - each conversation prefills on its own (no padding); then all decode together, one token a
     #   step, into a cache written in place (a growing one copies itself every step); a
-    #   conversation leaves the batch as soon as it closes its turn.
+    #   conversation leaves the batch as soon as it closes its turn;
+    # - the tokens every conversation of the batch begins with (the system prompt, about half of
+    #   a conversation) stay out of the decoding batch: cascade_attention reads their keys and
+    #   values once a step for all rows, instead of once per row.
     # Greedy, it writes what model.generate writes from the freshly rendered conversation (tests
     # check both); sampling draws from softmax(logits / temperature), no top-k or top-p: the
     # distribution token_logprobs scores. The kept caches belong to the weights that made them:
@@ -2214,7 +2250,7 @@ class VLMPolicy:
         ids, _ = self._render(messages, [int(grid.prod()) // self.merge for _, _, grid in images],
                               add_generation_prompt=True)
         pad, device = self.ids["<|image_pad|>"], self.model.device
-        starts = [t for t in range(1, len(ids)) if ids[t] == pad and ids[t - 1] != pad]   # each image's first token
+        starts = image_starts(ids, pad)
         reuse, source = 0, None
         for row in candidates:
             shared = shared_tokens(ids, [key for key, _, _ in images], starts, row)
@@ -2244,50 +2280,78 @@ class VLMPolicy:
     def _decode(self, rows):
         """Sample each row's reply: all rows one token a step, left-padded to one batch; a row is
         done when it closes its turn or has max_new_tokens, and then keeps its prompt and reply
-        (all but the reply's last token, never fed) in ids and cache."""
+        (all but the reply's last token, never fed) in ids and cache. The first `shared` tokens,
+        the same in every row, are not in the batch: each step reads them once (cascade_attention)."""
         end, device = self.ids["<|im_end|>"], self.model.device
-        width = max(len(row.ids) for row in rows)
+        shared = self._shared_prefix(rows)
+        prefix = [(keys[:, :, :shared], values[:, :, :shared]) for keys, values in rows[0].cache]
+        width = max(len(row.ids) for row in rows) - shared
         mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)   # 1: a token, 0: padding or room
         layers = []
         for layer in zip(*[row.cache for row in rows]):
             keys, values = (torch.zeros(len(rows), t.shape[1], width, t.shape[3], dtype=t.dtype, device=device)
                             for t in layer[0])
             for i, (k, v) in enumerate(layer):
-                keys[i, :, width - k.shape[2]:], values[i, :, width - v.shape[2]:] = k[0], v[0]
+                own = k.shape[2] - shared
+                keys[i, :, width - own:], values[i, :, width - own:] = k[0, :, shared:], v[0, :, shared:]
             layers.append((keys, values))
         for i, row in enumerate(rows):
-            mask[i, width - len(row.ids):] = 1
+            mask[i, width - (len(row.ids) - shared):] = 1
         cache, mask = self._with_room(layers, mask)
         lines, filled = list(range(len(rows))), width   # lines: the row each line of the batch decodes
         positions = torch.tensor([row.position for row in rows], device=device)
         logits = torch.cat([row.logits for row in rows])
-        while True:
-            tokens = self._sample(logits)
-            for b, (i, token) in enumerate(zip(lines, tokens.tolist())):
-                if i is None:   # a finished row's line, decoding what nobody reads until it is dropped
-                    continue
-                row = rows[i]
-                row.sampled.append(token)
-                if token == end or len(row.sampled) == self.max_new_tokens:
-                    row.ids = row.ids + row.sampled[:-1]
-                    used = (mask[b, :filled] == 1).nonzero()[:, 0]   # its tokens, without its left padding
-                    row.cache = [(layer.keys[b:b + 1, :, used], layer.values[b:b + 1, :, used])
-                                 for layer in cache.layers]
-                    lines[b] = None
-            stay = [b for b, i in enumerate(lines) if i is not None]
-            if not stay:
-                return
-            # dropping lines copies the whole cache: it waits until a quarter of them are finished
-            if 4 * (len(lines) - len(stay)) >= len(lines) or filled == mask.shape[1]:
-                # the lines that go on, without the columns none of them uses, and fresh room
-                first = int(mask[stay, :filled].any(0).nonzero()[0])
-                cache, mask = self._with_room([(layer.keys[stay, :, first:filled], layer.values[stay, :, first:filled])
-                                               for layer in cache.layers], mask[stay, first:filled])
-                lines, positions, tokens, filled = [lines[b] for b in stay], positions[stay], tokens[stay], filled - first
-            mask[:, filled] = 1
-            out = self.model(input_ids=tokens[:, None], attention_mask=mask, cache=cache, use_cache=True,
-                             position_ids=positions.view(1, -1, 1).expand(3, -1, -1), logits_to_keep=1)
-            positions, logits, filled = positions + 1, out.logits[:, -1], filled + 1
+        with self._attention("cascade" if shared else None):
+            while True:
+                tokens = self._sample(logits)
+                for b, (i, token) in enumerate(zip(lines, tokens.tolist())):
+                    if i is None:   # a finished row's line, decoding what nobody reads until it is dropped
+                        continue
+                    row = rows[i]
+                    row.sampled.append(token)
+                    if token == end or len(row.sampled) == self.max_new_tokens:
+                        row.ids = row.ids + row.sampled[:-1]
+                        used = (mask[b, :filled] == 1).nonzero()[:, 0]   # its tokens, without its left padding
+                        row.cache = [(torch.cat([keys, layer.keys[b:b + 1, :, used]], dim=2),
+                                      torch.cat([values, layer.values[b:b + 1, :, used]], dim=2))
+                                     for (keys, values), layer in zip(prefix, cache.layers)]
+                        lines[b] = None
+                stay = [b for b, i in enumerate(lines) if i is not None]
+                if not stay:
+                    return
+                # dropping lines copies the whole cache: it waits until a quarter of them are finished
+                if 4 * (len(lines) - len(stay)) >= len(lines) or filled == mask.shape[1]:
+                    # the lines that go on, without the columns none of them uses, and fresh room
+                    first = int(mask[stay, :filled].any(0).nonzero()[0])
+                    cache, mask = self._with_room([(layer.keys[stay, :, first:filled], layer.values[stay, :, first:filled])
+                                                   for layer in cache.layers], mask[stay, first:filled])
+                    lines, positions, tokens, filled = [lines[b] for b in stay], positions[stay], tokens[stay], filled - first
+                mask[:, filled] = 1
+                out = self.model(input_ids=tokens[:, None], attention_mask=mask, cache=cache, use_cache=True,
+                                 position_ids=positions.view(1, -1, 1).expand(3, -1, -1), logits_to_keep=1,
+                                 **({"shared_prefix": prefix} if shared else {}))
+                positions, logits, filled = positions + 1, out.logits[:, -1], filled + 1
+
+    def _shared_prefix(self, rows) -> int:
+        """How many first tokens every row's cache holds alike (the same ids, the same pictures);
+        0 for a single row, which has nobody to share with."""
+        if len(rows) < 2:
+            return 0
+        first = rows[0]
+        starts = image_starts(first.ids, self.ids["<|image_pad|>"])
+        return min(shared_tokens(first.ids, first.images, starts, row) for row in rows[1:])
+
+    @contextmanager
+    def _attention(self, implementation):
+        """The language model's attention function switched to `implementation` (None: unchanged)
+        for the block; the vision tower's is untouched."""
+        config = self.model.config.get_text_config()
+        before = config._attn_implementation
+        config._attn_implementation = implementation or before
+        try:
+            yield
+        finally:
+            config._attn_implementation = before
 
     def _with_room(self, layers, mask) -> tuple:
         """A cache written in place, holding `layers` ((keys, values) per layer) and ROOM free
@@ -2304,6 +2368,33 @@ class VLMPolicy:
         if self.temperature == 0:
             return logits.argmax(-1)
         return torch.multinomial(torch.softmax(logits / self.temperature, dim=-1), 1).squeeze(1)
+
+
+def cascade_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, shared_prefix=None, **kwargs):
+    """Attention of a one-token decoding step whose rows all begin with the same tokens (a
+    transformers attention function, registered as "cascade"). shared_prefix holds, per layer, those
+    tokens' keys and values once (batch of one), and the cache (key, value) only each row's own
+    tokens after them: the prefix is read once for all rows, as one matrix product, and one softmax
+    spans both parts, so each row's output is what full attention over its whole conversation gives."""
+    prefix_keys, prefix_values = shared_prefix[module.layer_idx]
+    batch, heads, length, dim = query.shape
+    kv_heads, n_prefix = key.shape[1], prefix_keys.shape[2]
+    query = query.reshape(batch, kv_heads, heads // kv_heads * length, dim)   # each key head's query heads
+    every_row = query.transpose(0, 1).reshape(kv_heads, -1, dim)               # all rows' queries, per key head
+    prefix_scores = torch.bmm(every_row, prefix_keys[0].transpose(1, 2)).view(kv_heads, batch, -1, n_prefix)
+    own_scores = query @ key.transpose(2, 3)
+    if attention_mask is not None:
+        own_scores = own_scores.masked_fill(~attention_mask, float("-inf"))
+    scores = torch.cat([prefix_scores.transpose(0, 1), own_scores], dim=-1) * scaling
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)   # fp32 softmax under bf16
+    from_prefix = torch.bmm(weights[..., :n_prefix].transpose(0, 1).reshape(kv_heads, -1, n_prefix), prefix_values[0])
+    out = from_prefix.view(kv_heads, batch, -1, dim).transpose(0, 1) + weights[..., n_prefix:] @ value
+    return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
+
+
+def image_starts(ids, pad) -> list:
+    """The position of each image's first placeholder token in ids."""
+    return [t for t in range(1, len(ids)) if ids[t] == pad and ids[t - 1] != pad]
 
 
 def shared_tokens(ids, image_keys, starts, row) -> int:
@@ -2327,7 +2418,7 @@ class Row:
     images: list
     cache: list
     position: int
-    logits: torch.Tensor
+    logits: "torch.Tensor"
     sampled: list = field(default_factory=list)
 
 
@@ -2430,7 +2521,7 @@ class ServedPolicy:
             return ""
 
 
-def load_policy(spec, seed=0, device="cpu", **kwargs):
+def load_policy(spec, seed=0, device=None, **kwargs):
     """--policy expert | openai:<base-url>#<model> (a served policy) | a model folder (runs/sft) |
     a Hugging Face id."""
     if spec == "expert":
@@ -2438,7 +2529,7 @@ def load_policy(spec, seed=0, device="cpu", **kwargs):
     if spec.startswith("openai:"):
         return ServedPolicy(spec, **kwargs)
     torch.manual_seed(seed)
-    return VLMPolicy.load(spec, device=device, **kwargs)
+    return VLMPolicy.load(spec, device=device or default_device(), **kwargs)
 
 
 # ---- the expert (scripted) policy -------------------------------------------------------------

@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+import types
 import time
 
 import numpy as np
@@ -112,6 +113,31 @@ def tool_turn(k):
     """An observation with a new image (a mask-like one of its own shade)."""
     return {"role": "tool", "name": "image_gen", "content": [{"type": "text", "text": f'{{"image_index": {k}}}'},
                                                              {"type": "image", "image": np.full((64, 64), 30 * k % 256, np.uint8)}]}
+
+
+def test_cascade_attention_is_full_attention_over_each_row():
+    """The decoding step's attention with the shared first tokens kept once (batch of one) gives
+    each row what full attention over its whole conversation gives: grouped-query heads, rows of
+    different lengths (left padding masked), a prefix of 5 tokens."""
+    torch.manual_seed(0)
+    batch, heads, kv_heads, dim, n_prefix, own = 3, 4, 2, 8, 5, 7
+    prefix_keys, prefix_values = torch.randn(1, kv_heads, n_prefix, dim), torch.randn(1, kv_heads, n_prefix, dim)
+    query = torch.randn(batch, heads, 1, dim)
+    keys, values = torch.randn(batch, kv_heads, own, dim), torch.randn(batch, kv_heads, own, dim)
+    mask = torch.ones(batch, 1, 1, own, dtype=torch.bool)
+    mask[1, ..., :3] = False   # row 1 is 3 tokens shorter: left padding
+    layer = types.SimpleNamespace(layer_idx=0)
+    out, _ = tools.cascade_attention(layer, query, keys, values, mask, dim ** -0.5,
+                                     shared_prefix=[(prefix_keys, prefix_values)])
+    full_keys = torch.cat([prefix_keys.expand(batch, -1, -1, -1), keys], dim=2).repeat_interleave(heads // kv_heads, 1)
+    full_values = torch.cat([prefix_values.expand(batch, -1, -1, -1), values], dim=2).repeat_interleave(heads // kv_heads, 1)
+    full_mask = torch.cat([torch.ones(batch, 1, 1, n_prefix, dtype=torch.bool), mask], dim=-1)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, full_keys, full_values, attn_mask=full_mask)
+    assert out.shape == (batch, 1, heads, dim)
+    assert torch.allclose(out, expected.transpose(1, 2), atol=1e-5)
+    out_no_mask, _ = tools.cascade_attention(layer, query, keys, values, None, dim ** -0.5,
+                                             shared_prefix=[(prefix_keys, prefix_values)])
+    assert torch.allclose(out_no_mask[0], out[0], atol=1e-6) and not torch.allclose(out_no_mask[1], out[1], atol=1e-3)
 
 
 def test_greedy_act_writes_what_generate_writes_turn_after_turn(sharp_policy):

@@ -1,6 +1,8 @@
 """synthesize.py end to end, as a user runs it (subprocesses), plus its acceptance measurements."""
 import itertools
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ from PIL import Image
 from scipy import ndimage
 
 import tools
-from conftest import run_script, run_torchrun
+from conftest import ROOT, run_script, run_torchrun
 
 
 def records(out):
@@ -414,3 +416,16 @@ def test_own_photos_in_a_plain_folder_any_known_or_named_type(tmp_path):
     rs = records(tmp_path / "o")
     assert sorted(r["anomaly_type"] for r in rs) == ["melted_goo", "scratch_head"]
     assert all((tmp_path / "o" / r["final_image"]).is_file() for r in rs)
+
+
+def test_the_expert_and_the_offline_tools_never_import_torch(toy_root, tmp_path):
+    """synthesize.py with the expert and build_trajectories.py run without importing torch (about
+    2 s of every start): tools.py imports it when a model is first used."""
+    for script, args in (("synthesize.py", ["--per-type", 1, "--categories", "washer", "--out", tmp_path / "s"]),
+                         ("build_trajectories.py", ["--limit", 4, "--categories", "washer", "--out", tmp_path / "t"])):
+        code = (f"import runpy, sys; sys.path.insert(0, {str(ROOT)!r}); sys.argv = {[script, '--data-root', str(toy_root), *map(str, args)]!r}\n"
+                f"try: runpy.run_path({str(ROOT / script)!r}, run_name='__main__')\n"
+                "finally: print('torch imported:', 'torch' in sys.modules)")
+        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert "torch imported: False" in result.stdout, script
