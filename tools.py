@@ -2066,6 +2066,8 @@ class VLMPolicy:
         from transformers.masking_utils import sdpa_mask
         AttentionInterface.register("cascade", cascade_attention)   # _decode's, by this name
         AttentionMaskInterface.register("cascade", sdpa_mask)        # its mask: sdpa's (True: attend)
+        AttentionInterface.register("packed", packed_attention)     # _prefill's
+        AttentionMaskInterface.register("packed", lambda **_: None)  # it masks each prompt itself
 
     # -- loading and saving ----------------------------------------------------------------------
     @classmethod
@@ -2201,9 +2203,10 @@ class VLMPolicy:
     #   copies of a GRPO group's prompt), and each picture goes through the image processor once.
     #   Kept tokens count only as far as they equal the freshly rendered conversation's (the reply
     #   is re-tokenized, as training sees it) and, where images are, show the same pictures;
-    # - each conversation prefills on its own (no padding); then all decode together, one token a
-    #   step, into a cache written in place (a growing one copies itself every step); a
-    #   conversation leaves the batch as soon as it closes its turn;
+    # - the conversations' new tokens go through the model packed into one sequence, without
+    #   padding, each attending only to its own past (packed_attention); then all decode together,
+    #   one token a step, into a cache written in place (a growing one copies itself every step);
+    #   a conversation leaves the batch as soon as it closes its turn;
     # - the tokens every conversation of the batch begins with (the system prompt, about half of
     #   a conversation) stay out of the decoding batch: cascade_attention reads their keys and
     #   values once a step for all rows, instead of once per row.
@@ -2217,11 +2220,12 @@ class VLMPolicy:
         """The next assistant turn of each conversation (batched sampling)."""
         kept, self._kept = self._kept, {}
         images, self._images = self._images, {}
-        rows = []
+        prompts = []
         with torch.no_grad():
             for messages in conversations:
                 own = kept.get(id(messages))
-                rows.append(self._prefill(messages, [own[1]] if own else rows, images))
+                prompts.append(self._plan(messages, [own[1]] if own else prompts, images))
+            rows = self._prefill(prompts)
             self._decode(rows)
         for messages, row in zip(conversations, rows):
             # the entry holds the conversation, so that its id names no other list while kept
@@ -2242,14 +2246,13 @@ class VLMPolicy:
             self._images[key] = (processed["pixel_values"], processed["image_grid_thw"][0])
         return (key, *self._images[key])
 
-    def _prefill(self, messages, candidates, images_before) -> "Row":
-        """A conversation's prompt through the model after the longest beginning it shares with one
-        of the candidate rows: the row, with its cache and its next token's logits."""
-        from transformers import DynamicCache
+    def _plan(self, messages, candidates, images_before) -> "Prompt":
+        """A conversation rendered for its next turn, and the longest beginning it shares with one of
+        the candidates (its own row of the last call, or the prompts of this call before it)."""
         images = [self._image_inputs(part, images_before) for part in image_parts(messages)]
         ids, _ = self._render(messages, [int(grid.prod()) // self.merge for _, _, grid in images],
                               add_generation_prompt=True)
-        pad, device = self.ids["<|image_pad|>"], self.model.device
+        pad = self.ids["<|image_pad|>"]
         starts = image_starts(ids, pad)
         reuse, source = 0, None
         for row in candidates:
@@ -2257,21 +2260,43 @@ class VLMPolicy:
             if shared > reuse:
                 reuse, source = shared, row
         reuse = min(reuse, len(ids) - 1)   # the last prompt token is fed again: its logits start the reply
-        new = [k for k, start in enumerate(starts) if start >= reuse]
-        vision = {"pixel_values": torch.cat([images[k][1] for k in new]).to(device),
-                  "image_grid_thw": torch.stack([images[k][2] for k in new]).to(device)} if new else {}
-        tokens = torch.tensor([ids], device=device)
+        tokens = torch.tensor([ids], device=self.model.device)
         # the model's own multimodal positions (t, h, w of every token, from the images' grids)
         positions, _ = self._rope_index()(
             tokens, mm_token_type_ids=(tokens == pad).long(),
-            image_grid_thw=torch.stack([grid for _, _, grid in images]).to(device) if images else None)
-        cache = DynamicCache([(keys[:, :, :reuse], values[:, :, :reuse]) for keys, values in source.cache]
-                             if reuse else None)
-        out = self.model(input_ids=tokens[:, reuse:], attention_mask=torch.ones_like(tokens),
-                         position_ids=positions[:, :, reuse:], cache=cache, use_cache=True, logits_to_keep=1,
-                         **vision)
-        return Row(ids=ids, images=[key for key, _, _ in images], cache=[(k, v) for k, v, _ in out.cache],
-                   position=int(positions.max()) + 1, logits=out.logits[:, -1])
+            image_grid_thw=torch.stack([grid for _, _, grid in images]).to(tokens.device) if images else None)
+        return Prompt(ids=ids, images=[key for key, _, _ in images], positions=positions,
+                      pictures=[(pixels, grid) for (_, pixels, grid), start in zip(images, starts) if start >= reuse],
+                      source=source if reuse else None, reuse=reuse,
+                      wave=source.wave + 1 if isinstance(source, Prompt) else 0)
+
+    def _prefill(self, prompts) -> list:
+        """Each prompt's tokens after what its source holds, through the model: the rows, with their
+        caches and their next token's logits. A prompt whose source is another prompt of this call
+        waits for it (a later wave); each wave is one forward pass, its prompts' new tokens packed
+        into one sequence without padding, each attending to its own past (packed_attention)."""
+        device = self.model.device
+        for wave in range(max(prompt.wave for prompt in prompts) + 1):
+            batch = [prompt for prompt in prompts if prompt.wave == wave]
+            sources = [prompt.source.row if isinstance(prompt.source, Prompt) else prompt.source for prompt in batch]
+            packing = Packing(
+                lengths=[len(prompt.ids) - prompt.reuse for prompt in batch],
+                pasts=[[(keys[:, :, :prompt.reuse], values[:, :, :prompt.reuse]) for keys, values in source.cache]
+                       if source else None for prompt, source in zip(batch, sources)])
+            pictures = [picture for prompt in batch for picture in prompt.pictures]
+            vision = {"pixel_values": torch.cat([pixels for pixels, _ in pictures]).to(device),
+                      "image_grid_thw": torch.stack([grid for _, grid in pictures]).to(device)} if pictures else {}
+            tokens = torch.tensor([[t for prompt in batch for t in prompt.ids[prompt.reuse:]]], device=device)
+            positions = torch.cat([prompt.positions[:, :, prompt.reuse:] for prompt in batch], dim=2)
+            last = torch.tensor(packing.lengths, device=device).cumsum(0) - 1   # each prompt's last token
+            with self._attention("packed"):
+                out = self.model(input_ids=tokens, position_ids=positions, use_cache=False, logits_to_keep=last,
+                                 packing=packing, **vision)
+            for i, prompt in enumerate(batch):
+                cache = packing.caches[i]
+                prompt.row = Row(ids=prompt.ids, images=prompt.images, cache=[cache[layer] for layer in sorted(cache)],
+                                 position=int(prompt.positions.max()) + 1, logits=out.logits[:, i])
+        return [prompt.row for prompt in prompts]
 
     def _rope_index(self):
         """The model's get_rope_index (the Qwen-VL families have one), also under LoRA adapters."""
@@ -2370,6 +2395,28 @@ class VLMPolicy:
         return torch.multinomial(torch.softmax(logits / self.temperature, dim=-1), 1).squeeze(1)
 
 
+def packed_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, packing=None, **kwargs):
+    """Attention of several prompts packed into one sequence (a transformers attention function,
+    registered as "packed"): each prompt's new tokens attend causally to themselves and to its own
+    past keys and values (packing.pasts), never to another prompt's; the prompt's whole keys and
+    values (past and new) go to packing.caches."""
+    outputs, start = [], 0
+    for i, length in enumerate(packing.lengths):
+        keys, values = key[:, :, start:start + length], value[:, :, start:start + length]
+        past = packing.pasts[i]
+        if past is not None:
+            past_keys, past_values = past[module.layer_idx]
+            keys, values = torch.cat([past_keys, keys], dim=2), torch.cat([past_values, values], dim=2)
+        packing.caches[i][module.layer_idx] = (keys, values)
+        n_past = keys.shape[2] - length
+        # new token j sees the past and new tokens 0..j
+        causal = torch.arange(keys.shape[2], device=keys.device) <= n_past + torch.arange(length, device=keys.device)[:, None]
+        outputs.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, start:start + length], keys, values, attn_mask=causal, scale=scaling, enable_gqa=True))
+        start += length
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
 def cascade_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, shared_prefix=None, **kwargs):
     """Attention of a one-token decoding step whose rows all begin with the same tokens (a
     transformers attention function, registered as "cascade"). shared_prefix holds, per layer, those
@@ -2407,6 +2454,31 @@ def shared_tokens(ids, image_keys, starts, row) -> int:
         if start < shared and (k >= len(row.images) or row.images[k] != image_keys[k]):
             return start
     return shared
+
+
+@dataclass
+class Prompt:
+    """One conversation inside VLMPolicy.act before its prefill: its rendered ids, its images' keys,
+    its tokens' positions, the pictures of the images it has yet to feed, the row (of the last call)
+    or prompt (of this call) whose first `reuse` tokens' keys and values it starts from, the wave of
+    the prefill it belongs to (one after its source prompt's), and the row it becomes."""
+    ids: list
+    images: list
+    positions: "torch.Tensor"
+    pictures: list
+    source: object
+    reuse: int
+    wave: int
+    row: "Row" = None
+
+
+class Packing:
+    """What packed_attention reads and writes during one packed forward pass: each prompt's number
+    of new tokens and past (keys, values) per layer (None: no past), and its keys and values after."""
+
+    def __init__(self, lengths, pasts):
+        self.lengths, self.pasts = lengths, pasts
+        self.caches = [{} for _ in lengths]   # per prompt: layer index -> (keys, values)
 
 
 @dataclass

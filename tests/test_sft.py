@@ -140,6 +140,31 @@ def test_cascade_attention_is_full_attention_over_each_row():
     assert torch.allclose(out_no_mask[0], out[0], atol=1e-6) and not torch.allclose(out_no_mask[1], out[1], atol=1e-3)
 
 
+def test_packed_attention_keeps_each_prompt_to_its_own_past():
+    """Two prompts packed into one sequence, one with 6 past tokens and one without: each new token's
+    output is what causal attention over its own prompt's whole sequence gives, and each prompt's
+    keys and values (past + new) are handed back for its cache."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, lengths = 4, 2, 8, [3, 5]
+    past_keys, past_values = torch.randn(1, kv_heads, 6, dim), torch.randn(1, kv_heads, 6, dim)
+    query = torch.randn(1, heads, sum(lengths), dim)
+    key, value = torch.randn(1, kv_heads, sum(lengths), dim), torch.randn(1, kv_heads, sum(lengths), dim)
+    packing = tools.Packing(lengths, [[(past_keys, past_values)], None])
+    out, _ = tools.packed_attention(types.SimpleNamespace(layer_idx=0), query, key, value, None, dim ** -0.5,
+                                    packing=packing)
+    assert out.shape == (1, sum(lengths), heads, dim)
+    whole = [(torch.cat([past_keys, key[:, :, :3]], 2), torch.cat([past_values, value[:, :, :3]], 2)),
+             (key[:, :, 3:], value[:, :, 3:])]
+    for (keys, values), (cached_keys, cached_values) in zip(whole, [cache[0] for cache in packing.caches]):
+        assert torch.equal(keys, cached_keys) and torch.equal(values, cached_values)
+    for (keys, values), rows, queries in zip(whole, (slice(0, 3), slice(3, 8)), (query[:, :, :3], query[:, :, 3:])):
+        n_past = keys.shape[2] - queries.shape[2]   # queries for the past positions: their outputs are not kept
+        full = torch.cat([torch.randn(1, heads, n_past, dim), queries], 2)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            full, keys.repeat_interleave(2, 1), values.repeat_interleave(2, 1), is_causal=True)[:, :, n_past:]
+        assert torch.allclose(out[:, rows], expected.transpose(1, 2), atol=1e-5)
+
+
 def test_greedy_act_writes_what_generate_writes_turn_after_turn(sharp_policy):
     """Three conversations of different lengths, played together for four turns as the runner
     plays them (each grows by a reply and an observation with an image; the third by a reply the
@@ -149,9 +174,9 @@ def test_greedy_act_writes_what_generate_writes_turn_after_turn(sharp_policy):
     policy = sharp_policy
     conversations = [list(c) for c in (CONVERSATION[:2], CONVERSATION[:4],
                                        CONVERSATION[:4] + [CONVERSATION[2], tool_turn(4)])]
-    prefilled = []   # the length of every model call's input; act() starts with a prefill a conversation
-    hook = policy.model.register_forward_pre_hook(lambda _, __, kw: prefilled.append(kw["input_ids"].shape[1]),
-                                                  with_kwargs=True)
+    prefilled = []   # the tokens each conversation feeds in act()'s packed prefill passes, in order
+    hook = policy.model.register_forward_pre_hook(
+        lambda _, __, kw: prefilled.extend(kw["packing"].lengths) if "packing" in kw else None, with_kwargs=True)
     try:
         before = None
         for turn in range(4):
