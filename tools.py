@@ -12,8 +12,10 @@ tools.py -- everything the stages share, in the order a reader needs it:
   4. The agent protocol: system prompt, tool schemas as the model sees them, turn parser, observations
   5. The episode runner: plays a policy against the tools, returns trajectory records
   6. The policies: the stored trajectory format, the chat template, the vision-language model
-     wrapper (SFT, RL and synthesis share it), the tiny policy built from config, a policy served
-     by an OpenAI-compatible server, and the expert (scripted) policy that teaches and baselines
+     wrapper (SFT, RL and synthesis share it; its sampling loop keeps each conversation's keys
+     and values, prefills packed and decodes with the shared prefix read once), the tiny policy
+     built from config, a policy served by an OpenAI-compatible server, and the expert (scripted)
+     policy that teaches and baselines
 
 The method is described in docs/METHOD.md. The offline backends behind the tools (a prompt writer,
 a procedural painter, a measured judge, a difference segmenter) live in toy_world.py, with the toy
@@ -69,6 +71,7 @@ dist = LazyModule("torch.distributed")
 def default_device() -> str:
     """cuda where a GPU is visible, else cpu."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
 
 HERE = Path(__file__).resolve().parent
 
