@@ -2270,7 +2270,7 @@ class VLMPolicy:
             image_grid_thw=torch.stack([grid for _, _, grid in images]).to(tokens.device) if images else None)
         return Prompt(ids=ids, images=[key for key, _, _ in images], positions=positions,
                       pictures=[(pixels, grid) for (_, pixels, grid), start in zip(images, starts) if start >= reuse],
-                      source=source if reuse else None, reuse=reuse,
+                      source=source, reuse=reuse,
                       wave=source.wave + 1 if isinstance(source, Prompt) else 0)
 
     def _prefill(self, prompts) -> list:
