@@ -396,6 +396,11 @@ def evaluate(policy, dataset, plan, toolbox, args, temperature=0.0) -> dict:
             "eval_episode_final_qe": [r["final_score"] for r in records]}
 
 
+def qe_text(score) -> str:
+    """A mean final QE score for the console (None: no episode had a judged final image)."""
+    return "n/a" if score is None else f"{score:.2f}"
+
+
 def paired_gain(before, after) -> dict:
     """The held-out reward and final QE of `after` minus those of `before` (the SFT policy, step
     0) on the same prompts, with the standard errors of the paired differences."""
@@ -533,7 +538,7 @@ def main(argv=None):
         first = evaluate(policy, dataset, held_out, toolbox, args)
         log({"step": 0, **first})
         print(f"held-out before RL: reward {first['eval_reward_mean']:.3f} +- {first['eval_reward_se']:.3f}, "
-              f"final QE {first['eval_final_qe']}")
+              f"final QE {qe_text(first['eval_final_qe'])}")
 
     # the loop: rollout -> rewards -> advantages -> update
     bar = tqdm(range(start_step, args.steps), desc="grpo", initial=start_step, total=args.steps,
@@ -566,7 +571,7 @@ def main(argv=None):
             row.update(paired_gain(metrics[0], row))
             bar.write(f"step {step + 1}: held-out reward {row['eval_reward_mean']:.3f} "
                       f"({row['eval_reward_gain']:+.3f} +- {row['eval_reward_gain_se']:.3f} paired), final QE "
-                      f"{row['eval_final_qe']} ({row['eval_final_qe_gain']:+.2f} +- {row['eval_final_qe_gain_se']:.2f}), "
+                      f"{qe_text(row['eval_final_qe'])} ({row['eval_final_qe_gain']:+.2f} +- {row['eval_final_qe_gain_se']:.2f}), "
                       f"completed {row['eval_completed']:.0%}")
         log(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row.get('kl', 0):.4f}",
@@ -590,7 +595,7 @@ def main(argv=None):
     print(f"saved {out}. Held-out prompts (greedy): mean reward "
           f"{before['eval_reward_mean']:.3f} -> {after['eval_reward_mean']:.3f} (paired gain "
           f"{gain['eval_reward_gain']:+.3f} +- {gain['eval_reward_gain_se']:.3f}), final QE "
-          f"{before['eval_final_qe']} -> {after['eval_final_qe']} ({gain['eval_final_qe_gain']:+.2f} "
+          f"{qe_text(before['eval_final_qe'])} -> {qe_text(after['eval_final_qe'])} ({gain['eval_final_qe_gain']:+.2f} "
           f"+- {gain['eval_final_qe_gain_se']:.2f}), completed "
           f"{before['eval_completed']:.0%} -> {after['eval_completed']:.0%}")
     tools.leave()

@@ -359,7 +359,8 @@ def main(argv=None):
     if args.policy == "tiny":
         texts = [m["content"] if isinstance(m["content"], str) else tools.message_text(m)
                  for r in train for m in r["messages"]]
-        policy = tools.tiny_policy(texts, image_side=args.size or 128, seed=args.seed)
+        task_words = {r[key].replace("_", " ") for r in train for key in ("category", "anomaly_type")}
+        policy = tools.tiny_policy(texts, image_side=args.size or 128, seed=args.seed, words=task_words)
         lr = args.lr or 1e-3
     else:
         policy = tools.VLMPolicy.load(args.policy, device=args.device)

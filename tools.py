@@ -2497,18 +2497,28 @@ class Row:
     sampled: list = field(default_factory=list)
 
 
-def train_tokenizer(texts, vocab_size=4000, max_token_length=16):
+def train_tokenizer(texts, vocab_size=4000, max_token_length=16, words=()):
     """A byte-level BPE tokenizer trained offline on the trajectory corpus, with ChatML's special
-    tokens: what a tiny model needs to read and write tool calls compactly."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokens: what a tiny model needs to read and write tool calls compactly. `words` (the task's
+    item names and anomaly types) are kept whole wherever they stand."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
+    # merges that cross spaces would glue a task word to whatever stands next to it, so "cut" would
+    # be one token in the task ("cut"), another in the thinking ("cut, so I "), a third in a tool
+    # call ('cut"'): the policy could not copy the type it is asked for, only guess it from the
+    # item (measured: a tiny SFT policy gave each of a category's types about the same probability
+    # in its prompt_gen call). Split out whole, each word is one and the same token everywhere.
+    whole_words = []
+    if words:
+        alternatives = "|".join(re.escape(w) for w in sorted(set(words), key=len, reverse=True))
+        whole_words = [pre_tokenizers.Split(Regex(rf"\b(?:{alternatives})\b"), behavior="isolated")]
     # merges may cross spaces (repeated phrases become few tokens, so sequences stay short), but
     # not quotes: a JSON value such as an item name stays its own piece, easy to copy; nor newlines:
     # every seam of the chat template (after "assistant\n", around a tool's JSON) is a newline or a
     # special token, so the rendered conversation tokenizes as one string exactly as piece by piece,
     # and a reply starts on a token boundary, where generation starts
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(whole_words + [
         pre_tokenizers.Split('"', behavior="merged_with_previous"),
         pre_tokenizers.Split("\n", behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -2519,13 +2529,14 @@ def train_tokenizer(texts, vocab_size=4000, max_token_length=16):
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
-def tiny_policy(texts, image_side=128, seed=0, **kwargs) -> VLMPolicy:
+def tiny_policy(texts, image_side=128, seed=0, words=(), **kwargs) -> VLMPolicy:
     """A small Qwen3-VL built from config (random init): 4 layers of width 256, a 2-layer vision
-    tower, an image of image_side pixels seen as (image_side / 32)^2 tokens."""
+    tower, an image of image_side pixels seen as (image_side / 32)^2 tokens; its tokenizer is
+    trained on texts and keeps `words` whole (train_tokenizer)."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     torch.manual_seed(seed)
-    tokenizer = train_tokenizer(texts)
+    tokenizer = train_tokenizer(texts, words=words)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = Qwen3VLConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768,

@@ -409,6 +409,25 @@ def test_renaming_uses_made_up_names_everywhere_but_the_system_prompt():
     assert renamed[2]["content"] == '<thinking>A pufidax.</thinking>{"item_name": "pufidax"}'
 
 
+def test_task_words_are_one_and_the_same_token_wherever_they_stand():
+    """The type asked for in the task is the token the policy writes in its thinking, its tool
+    calls and its prompts: copying it is then looking it up, not a learned association between a
+    dozen glued variants (without `words`, BPE glues "cut" to its neighbours differently in each)."""
+    texts = ["Item: fabric. Anomaly type: cut. Synthesize a realistic cut on image 1.",
+             '<thinking>I need a local-edit prompt for a cut, so I call prompt_gen.</thinking>',
+             '{"item_name": "fabric", "anomaly_type": "cut"}',
+             "change only the woven surface to introduce a cut: a dark narrow slit. A cutter slipped."] * 50
+    pieces = lambda tokenizer, text: [tokenizer.decode([i]) for i in tokenizer(text)["input_ids"]]  # noqa: E731
+    glued = tools.train_tokenizer(texts, vocab_size=400)
+    assert not all("cut" in pieces(glued, t) for t in texts[:4])
+    whole = tools.train_tokenizer(texts, vocab_size=400, words={"cut", "fabric"})
+    for text in texts[:4]:
+        assert "cut" in pieces(whole, text), pieces(whole, text)
+    assert "fabric" in pieces(whole, texts[2])
+    assert "cut" not in pieces(whole, "A cutter slipped.")   # a word, not any run of its letters
+    assert whole.decode(whole(texts[3])["input_ids"]) == texts[3]
+
+
 def test_sft_smoke_full_and_lora(trajectories, toy_root, tmp_path):
     for mode in ("off", "on"):
         out = tmp_path / mode
@@ -420,6 +439,10 @@ def test_sft_smoke_full_and_lora(trajectories, toy_root, tmp_path):
         assert metrics[0]["step"] == 0 and "val_loss" in metrics[-1]
         policy = tools.VLMPolicy.load(out)    # a plain model, LoRA merged in
         assert not any("lora" in n for n, _ in policy.model.named_parameters())
+        first = json.loads((trajectories / "train.jsonl").read_text().splitlines()[0])   # its task words stay whole
+        task = f"Item: {first['category']}. Anomaly type: {first['anomaly_type']}. Synthesize it."
+        pieces = [policy.tokenizer.decode([i]) for i in policy.tokenizer(task)["input_ids"]]
+        assert first["category"] in pieces and first["anomaly_type"] in pieces, pieces
     result = run_script("synthesize.py", "--policy", tmp_path / "on", "--data-root", toy_root, "--out",
                         tmp_path / "synth", "--categories", "washer", "--types", "crack", "--per-type", "1",
                         "--max-turns", "2")
