@@ -78,12 +78,15 @@ def main(argv=None):
     for cat, t in pairs:
         cells = [f"{np.mean(columns[n][0][(cat, t)]):.2f}" if (cat, t) in columns[n][0] else "-" for n in args.policies]
         print(f"| {cat} | {t} | {1 / len(dataset.types(cat)):.2f} | " + " | ".join(cells) + " |")
-    means = [np.mean([v for vs in columns[n][0].values() for v in vs]) for n in args.policies]
-    print("| all | | | " + " | ".join(f"{m:.2f}" for m in means) + " |")
+    scored = [[v for vs in columns[n][0].values() for v in vs] for n in args.policies]
+    print("| all | | | " + " | ".join(f"{np.mean(v):.2f}" if v else "-" for v in scored) + " |")
     for n in args.policies:
         if columns[n][1]:
             print(f"{n}: {columns[n][1]} of {len(plan)} first turns had no anomaly_type to score")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except tools.UserError as e:
+        sys.exit(f"error: {e}")
