@@ -2626,6 +2626,8 @@ class ExpertPolicy:
     alone, like a language model would: the tools from the system prompt, the task from the user
     message, everything else from the observations."""
 
+    temperature = 0.0   # scripted: the same reply at any temperature (rl.evaluate sets one)
+
     def __init__(self, seed=0, max_attempts=3):
         self.seed, self.max_attempts = seed, max_attempts
 

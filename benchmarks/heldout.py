@@ -5,13 +5,17 @@ reports) and sampled at the training temperature (what GRPO optimizes). Prints a
     python benchmarks/heldout.py runs/sft runs/rl                      # 60 prompts, greedy + 2 samples each
     python benchmarks/heldout.py runs/sft runs/rl --samples 4 --threads 1
     python benchmarks/heldout.py openai:http://localhost:8000/v1#runs/rl   # served: vllm serve runs/rl
+    python benchmarks/heldout.py expert runs/sft --samples 0 --per-pair    # where SFT and its teacher differ
 
 The prompts are rl.py's validation_prompts (the training categories' test normal images) with the
 same --seed and --eval-per-type, so the greedy column matches rl.py's eval_ numbers. Each reward
 has its standard error, and every policy after the first is compared with the first (runs/sft) on
 the same prompts and decoding: the paired difference of reward and final QE, with its standard
 error (much smaller than the two means' own, since the prompts' difficulty cancels).
+--per-pair adds a table of each policy's greedy reward per (category, type), the mean of that
+pair's held-out prompts: a mean that matches another policy's can hide pairs where they differ.
 """
+import collections
 import argparse
 import sys
 import time
@@ -33,6 +37,7 @@ def get_args(argv=None):
     p.add_argument("--eval-per-type", type=int, default=4, help="prompts per (training category, type), as in rl.py")
     p.add_argument("--seed", type=int, default=0, help="rl.py's --seed (the prompts) and the sampling seed")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 when the cores are shared)")
+    p.add_argument("--per-pair", action="store_true", help="also print each policy's greedy reward per (category, type)")
     tools.add_backend_flags(p)
     return p.parse_args(argv)
 
@@ -69,6 +74,20 @@ def main(argv=None):
               f"{s['eval_reflection_mean']:.3f} | {s['eval_behavior_mean']:.3f} | {s['eval_final_qe']:.2f} | "
               f"{g['eval_final_qe_gain']:+.2f} +- {g['eval_final_qe_gain_se']:.2f} | "
               f"{s['eval_completed']:.0%} | {s['eval_well_formed']:.1%} |")
+    if args.per_pair:
+        print_per_pair(plan, [(path, s) for path, how, s, _ in rows if how == "greedy"])
+
+
+def print_per_pair(plan, greedy_runs):
+    """One row per (category, type): each policy's mean greedy reward over that pair's prompts."""
+    print("\n| category / type | " + " | ".join(path for path, _ in greedy_runs) + " |")
+    print("|---|" + "---|" * len(greedy_runs))
+    pairs = collections.defaultdict(list)   # in plan order: the training categories, their types
+    for i, p in enumerate(plan):
+        pairs[f"{p['category']} / {p['anomaly_type']}"].append(i)
+    for pair, episodes in pairs.items():
+        means = [sum(s["eval_episode_rewards"][i] for i in episodes) / len(episodes) for _, s in greedy_runs]
+        print(f"| {pair} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
 
 
 if __name__ == "__main__":
