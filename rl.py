@@ -232,7 +232,8 @@ def rollout(policy, dataset, prompts, group_size, toolbox, max_turns) -> list:
             task = tools.make_task(dataset, p)
             task.id = f"{p['id']}/{g}"
             tasks.append(task)
-    policy.model.eval()
+    if hasattr(policy, "model"):   # the scripted expert has none (benchmarks/rewrites.py plays it)
+        policy.model.eval()
     return tools.run_episodes(policy, tasks, toolbox, max_turns)
 
 
