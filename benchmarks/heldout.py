@@ -15,8 +15,8 @@ error (much smaller than the two means' own, since the prompts' difficulty cance
 --per-pair adds a table of each policy's greedy reward per (category, type), the mean of that
 pair's held-out prompts: a mean that matches another policy's can hide pairs where they differ.
 """
-import collections
 import argparse
+import collections
 import sys
 import time
 from pathlib import Path

@@ -29,7 +29,7 @@ def get_args(argv=None):
     p.add_argument("policy", help="a policy folder (runs/sft, runs/rl) or expert")
     p.add_argument("--category", default="pill", help="a training-group category of the toy world")
     p.add_argument("--type", default="contamination", help="one of its anomaly types")
-    p.add_argument("--prompts", type=int, default=8, help="training images")
+    p.add_argument("--prompts", type=int, default=8, help="training images (rl.py's prompts of the pair)")
     p.add_argument("--group-size", type=int, default=8, help="episodes per image, as rl.py's G")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (rl.py's for the tiny policy)")
     p.add_argument("--seed", type=int, default=0, help="which images, and the sampling seed")
@@ -60,10 +60,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     policy = tools.load_policy(args.policy, seed=args.seed)
     policy.temperature = args.temperature
-    rng = random.Random(args.seed)
-    prompts = [dict(id=f"rewrites/{args.category}/{args.type}/{i}", category=args.category, anomaly_type=args.type,
-                    path=rng.choice(dataset.train_good[args.category]), seed=rng.randrange(1 << 30))
-               for i in range(args.prompts)]
+    pair = [p for p in rl.prompt_pool(dataset, args.seed)
+            if (p["category"], p["anomaly_type"]) == (args.category, args.type)]
+    prompts = random.Random(args.seed).sample(pair, min(args.prompts, len(pair)))   # RL prompts of the pair
     records = rl.rollout(policy, dataset, prompts, args.group_size, toolbox, rl_args.max_turns)
     scores = collections.defaultdict(list)
     for record in records:
