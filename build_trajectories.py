@@ -73,7 +73,9 @@ POSITIONS = [("top-left", 0, 0), ("top", 0, 1), ("top-right", 0, 2), ("left", 1,
 
 def describe(clean, image, mask, entry, kind) -> dict:
     """The local-edit prompt's attributes (tools.local_edit_prompt) that say what the change from
-    clean to image shows: tone, colour, size, elongation, place, contrast."""
+    clean to image shows: tone, colour, size, elongation, place, contrast. The knowledge entry says
+    which of them the type is about: part, shape and edges come from it, and a type it calls a
+    colour change (or a removal to background) gets no dark/bright word."""
     attrs = entry["attributes"]
     side = mask.shape[0]
     before, after = clean[mask].astype(np.float32), image[mask].astype(np.float32)
@@ -84,7 +86,9 @@ def describe(clean, image, mask, entry, kind) -> dict:
     if np.linalg.norm(chroma) > 15 and np.linalg.norm(shift) > 12:
         hue = lambda c: np.array(c, np.float32) - np.mean(c)
         colour = max(tools.HUES, key=lambda n: chroma @ hue(tools.COLOURS[n]) / np.linalg.norm(hue(tools.COLOURS[n])))
-    tone = None if attrs["tone"] == "background" else "dark" if dl < -10 else "bright" if dl > 10 else None
+    # a tone word only where the knowledge says brightness is the defect's look: a colour defect's
+    # brightness comes with its colour, and the painter reads "dark brown" as darken, then tint
+    tone = None if attrs["tone"] in ("background", "colour") else "dark" if dl < -10 else "bright" if dl > 10 else None
     cy, cx = ndimage.center_of_mass(mask)
     where = next(n for n, r, c in POSITIONS if r == min(int(3 * cy / side), 2) and c == min(int(3 * cx / side), 2))
     place = f"in the {where}"
@@ -102,7 +106,8 @@ def describe(clean, image, mask, entry, kind) -> dict:
 
 def weak_prompts(entry, final, rng):
     """Prompts a first try might use: bare and generic, or the final attributes with one thing wrong
-    (faint, the other edges, the other tone, a size far off)."""
+    (faint, the other edges, the other tone, a size far off; none that is the final prompt itself,
+    as the tone flip is for a type without a tone word)."""
     generic = tools.local_edit_prompt(entry["type"], entry["attributes"]["part"], entry["attributes"]["shape"])
     flipped_edges = "sharp edges" if final["edges"] == "soft, blended edges" else "soft, blended edges"
     flipped_tone = {"dark": "bright", "bright": "dark"}.get(final["tone"])
@@ -110,7 +115,8 @@ def weak_prompts(entry, final, rng):
              dict(final, edges=flipped_edges),
              dict(final, tone=flipped_tone),
              dict(final, size_px=int(final["size_px"] * rng.choice([0.35, 2.6])))]
-    return generic, [tools.local_edit_prompt(**wrong[i]) for i in rng.permutation(len(wrong))]
+    detailed = [tools.local_edit_prompt(**wrong[i]) for i in rng.permutation(len(wrong))]
+    return generic, [prompt for prompt in detailed if prompt != tools.local_edit_prompt(**final)]
 
 
 # ---- one trajectory -----------------------------------------------------------------------------
