@@ -106,8 +106,8 @@ def describe(clean, image, mask, entry, kind) -> dict:
 
 def weak_prompts(entry, final, rng):
     """Prompts a first try might use: bare and generic, or the final attributes with one thing wrong
-    (faint, the other edges, the other tone, a size far off; none that is the final prompt itself,
-    as the tone flip is for a type without a tone word)."""
+    (faint, the other edges, the other tone, a size far off), none equal to the final prompt: a type
+    without a tone word has no tone to flip, a faint defect nothing to make fainter."""
     generic = tools.local_edit_prompt(entry["type"], entry["attributes"]["part"], entry["attributes"]["shape"])
     flipped_edges = "sharp edges" if final["edges"] == "soft, blended edges" else "soft, blended edges"
     flipped_tone = {"dark": "bright", "bright": "dark"}.get(final["tone"])
@@ -116,7 +116,8 @@ def weak_prompts(entry, final, rng):
              dict(final, tone=flipped_tone),
              dict(final, size_px=int(final["size_px"] * rng.choice([0.35, 2.6])))]
     detailed = [tools.local_edit_prompt(**wrong[i]) for i in rng.permutation(len(wrong))]
-    return generic, [prompt for prompt in detailed if prompt != tools.local_edit_prompt(**final)]
+    passing = tools.local_edit_prompt(**final)
+    return generic, [prompt for prompt in detailed if prompt != passing]
 
 
 # ---- one trajectory -----------------------------------------------------------------------------
