@@ -101,13 +101,18 @@ def test_ran_out_trajectories_leave_the_passing_ones_unchanged(built, toy_root, 
     assert [r["messages"] for r in plain] == [r["messages"] for r in records if not r["attempts_ran_out"]]
 
 
+def image_prompts(record):
+    """The image_gen prompts of a trajectory, in order."""
+    return [tools.parse_turn(m["content"]).call["arguments"]["prompt"] for m in record["messages"]
+            if m["role"] == "assistant" and "image_gen" in m["content"]]
+
+
 def test_prompts_name_the_real_defects_place_and_size(built, toy):
     _, records, _ = built
     for r in [r for r in records if not r["attempts_ran_out"]]:
         cat, t, stem = r["id"].split("/")
         mask = toy.load_mask(next(a.mask for a in toy.anomalies_of(cat, t) if a.image.stem == stem))
-        prompt = [tools.parse_turn(m["content"]).call["arguments"]["prompt"] for m in r["messages"]
-                  if m["role"] == "assistant" and "image_gen" in m["content"]][-1]
+        prompt = image_prompts(r)[-1]
         assert f"about {tools.extent_px(mask)} pixels" in prompt
         cy, cx = ndimage.center_of_mass(mask)
         where = [n for n, row, col in build.POSITIONS if row == min(int(cy * 3 / 128), 2) and col == min(int(cx * 3 / 128), 2)][0]
@@ -118,12 +123,12 @@ def test_a_colour_defect_is_written_by_its_colour_alone_and_no_weak_attempt_repe
     """The knowledge calls pill contamination a colour change (brown): the passing prompt names the
     colour with no dark/bright word, which makes the painter darken instead of tint."""
     _, records, _ = built
+    knowledge = tools.KnowledgeBase()
     colour_types = 0
     for r in records:
         cat, t, _ = r["id"].split("/")
-        entry = tools.KnowledgeBase().lookup(cat, t, "toy")
-        prompts = [tools.parse_turn(m["content"]).call["arguments"]["prompt"] for m in r["messages"]
-                   if m["role"] == "assistant" and "image_gen" in m["content"]]
+        entry = knowledge.lookup(cat, t, "toy")
+        prompts = image_prompts(r)
         if not r["attempts_ran_out"]:
             assert prompts[-1] not in prompts[:-1]
             if entry["attributes"]["tone"] == "colour":
