@@ -110,7 +110,7 @@ def get_args(argv=None):
     run = p.add_argument_group("run")
     run.add_argument("--out", default="runs/rl", help="output folder")
     run.add_argument("--eval-every", type=int, default=5, help="steps between held-out evaluations (0: only at the end)")
-    run.add_argument("--eval-per-type", type=int, default=4, help="held-out episodes per (training category, type), on test normal images")
+    run.add_argument("--eval-per-type", type=int, default=8, help="held-out episodes per (training category, type), on test normal images")
     run.add_argument("--save-every", type=int, default=1, help="steps between checkpoints")
     run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     run.add_argument("--seed", type=int, default=0, help="seed of prompts, sampling and tools")

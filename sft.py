@@ -6,7 +6,9 @@ sft.py -- supervised fine-tuning of the policy on structured trajectories (docs/
         python sft.py --data visa --data-root /data/VisA --policy Qwen/Qwen3-VL-4B-Thinking   # the paper's setting
 
 Next-token loss on the assistant turns only (thinking, tool calls, answer, each turn's end token);
-system prompt, user message and tool observations are context. The vision encoder is frozen, its
+system prompt, user message and tool observations are context. The tokens that spell the task's
+anomaly type weigh --type-weight times the others, so the policy learns to read the type from the
+task rather than guess it from the item (docs/METHOD.md section 5). The vision encoder is frozen, its
 projector and the language model train (fully, or with LoRA: the default above 1B parameters).
 AdamW with a cosine schedule after warmup, gradient accumulation, gradient clipping, bf16 autocast
 on GPU, validation loss every --eval-every steps, a checkpoint every --save-every steps (--resume
@@ -66,6 +68,8 @@ def get_args(argv=None):
     model.add_argument("--rename-prob", type=float, default=0.5,
                        help="chance a trajectory's item is renamed to a made-up name, so the policy "
                             "learns to copy the item from the task instead of memorizing it")
+    model.add_argument("--type-weight", type=float, default=5,
+                       help="loss weight of the tokens that spell the task's anomaly type (1: plain next-token loss)")
     optim = p.add_argument_group("optimization")
     optim.add_argument("--epochs", type=float, default=5, help="passes over the training trajectories (paper: 3)")
     optim.add_argument("--lr", type=float, default=None, help="peak learning rate (tiny: 1e-3; paper: 1e-5)")
@@ -98,7 +102,7 @@ def check_flags(args) -> None:
     for flag in ("batch-size", "micro-batch", "eval-every", "save-every", "max-turns", "max-new-tokens", "lora-rank"):
         require(getattr(args, flag.replace("-", "_")) >= 1, flag, "at least 1")
     require(args.rollouts >= 0, "rollouts", "at least 0 (0: no rollout evaluation)")
-    for flag in ("epochs", "lr", "grad-clip"):
+    for flag in ("epochs", "lr", "grad-clip", "type-weight"):
         value = getattr(args, flag.replace("-", "_"))
         require(value is None or value > 0, flag, "above 0")
     for flag in ("warmup", "rename-prob"):
@@ -178,10 +182,29 @@ def rename_item(record, name):
     return {**record, "messages": messages}
 
 
-def assistant_loss(policy, batch):
-    """Summed negative log-likelihood of the assistant tokens, and how many there are."""
+def assistant_loss(policy, batch, weights=None):
+    """Summed negative log-likelihood of the assistant tokens (each times its weight, if given), and
+    how many there are."""
     logp, mask = policy.token_logprobs(batch)
-    return -(logp * mask).sum(), mask.sum()
+    return -(logp * mask * (1 if weights is None else weights.to(logp.device))).sum(), mask.sum()
+
+
+def type_weights(policy, batch, records, weight):
+    """Loss weights aligned with token_logprobs: `weight` on the tokens that spell each record's
+    anomaly type, 1 elsewhere (only the assistant's count, by the mask). The type is the one word of
+    a turn the task decides and the rest of the conversation cannot: a policy that guesses it pays
+    for one token in hundreds, too little for next-token loss to make it read the task."""
+    ids = batch["input_ids"][:, 1:].tolist()
+    weights = torch.ones(len(ids), len(ids[0]))
+    for row, record in zip(range(len(ids)), records):
+        word = record["anomaly_type"].replace("_", " ")
+        for spelling in {tuple(policy.tokenizer(text, add_special_tokens=False)["input_ids"])
+                         for text in (word, " " + word)}:
+            n = len(spelling)
+            for t in range(len(ids[row]) - n + 1):
+                if tuple(ids[row][t:t + n]) == spelling:
+                    weights[row, t:t + n] = weight
+    return weights
 
 
 def validation_loss(policy, records, micro_batch, autocast):
@@ -406,8 +429,8 @@ def main(argv=None):
         chosen = [train[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
         chosen = [rename_item(r, made_up_name(rng)) if rng.random() < args.rename_prob else r for r in chosen]
         mine = tools.shard(chosen)   # this rank's share of the batch
-        batches = [policy.encode([r["messages"] for r in mine[i:i + args.micro_batch]])
-                   for i in range(0, len(mine), args.micro_batch)]
+        groups = [mine[i:i + args.micro_batch] for i in range(0, len(mine), args.micro_batch)]
+        batches = [policy.encode([r["messages"] for r in group]) for group in groups]
         # the step's loss is a mean over all its assistant tokens, however they fall into
         # micro-batches and ranks
         n_tokens = tools.all_reduce_sum(sum(int(b["assistant_mask"][:, 1:].sum()) for b in batches))
@@ -417,7 +440,8 @@ def main(argv=None):
             # world size, the average of the ranks' shares is their sum
             with tools.data_parallel_pass(policy, model, sync=k == len(batches) - 1):
                 with autocast():
-                    loss, _ = assistant_loss(policy, batch)
+                    loss, _ = assistant_loss(policy, batch, type_weights(policy, batch, groups[k], args.type_weight)
+                                             if args.type_weight != 1 else None)
                 (loss * tools.world_size() / n_tokens).backward()
             step_loss += loss.item() / n_tokens
         step_loss = tools.all_reduce_sum(step_loss)

@@ -75,7 +75,7 @@ def get_args(argv=None):
     p.add_argument("--rl-task-ref", default="runs/rl-task-ref,runs/rl-task-ref-seed1", help="rl.py --gamma 0 runs")
     p.add_argument("--rl-seeds", default="0,1", help="rl.py --seed of each RL run, in the order of the folders")
     p.add_argument("--rows", default=None, help="comma list of row keys to measure now (default: all; the table shows every row measured so far)")
-    p.add_argument("--eval-per-type", type=int, default=4, help="held-out prompts per (training category, type)")
+    p.add_argument("--eval-per-type", type=int, default=8, help="held-out prompts per (training category, type)")
     p.add_argument("--per-type", type=int, default=10, help="synthesize.py samples per (category, type) for evaluate.py")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out prompts, synthesis and evaluation")
     p.add_argument("--threads", type=int, default=None, help="torch threads here and in every script (1 when the cores are shared)")

@@ -2,7 +2,7 @@
 benchmarks/heldout.py -- rl.py's held-out prompts played by several policies, greedy (what rl.py
 reports) and sampled at the training temperature (what GRPO optimizes). Prints a table.
 
-    python benchmarks/heldout.py runs/sft runs/rl                      # 60 prompts, greedy + 2 samples each
+    python benchmarks/heldout.py runs/sft runs/rl                      # 120 prompts, greedy + 2 samples each
     python benchmarks/heldout.py runs/sft runs/rl --samples 4 --threads 1
     python benchmarks/heldout.py openai:http://localhost:8000/v1#runs/rl   # served: vllm serve runs/rl
     python benchmarks/heldout.py expert runs/sft --samples 0 --per-pair    # where SFT and its teacher differ
@@ -34,7 +34,7 @@ def get_args(argv=None):
     p.add_argument("policies", nargs="+", help="policy folders (runs/sft, runs/rl, ...) or served policies (openai:<base-url>#<model>)")
     p.add_argument("--samples", type=int, default=2, help="sampled episodes per prompt (0: greedy only)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (rl.py's for the tiny policy)")
-    p.add_argument("--eval-per-type", type=int, default=4, help="prompts per (training category, type), as in rl.py")
+    p.add_argument("--eval-per-type", type=int, default=8, help="prompts per (training category, type), as in rl.py")
     p.add_argument("--seed", type=int, default=0, help="rl.py's --seed (the prompts) and the sampling seed")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 when the cores are shared)")
     p.add_argument("--per-pair", action="store_true", help="also print each policy's greedy reward per (category, type)")

@@ -409,6 +409,24 @@ def test_renaming_uses_made_up_names_everywhere_but_the_system_prompt():
     assert renamed[2]["content"] == '<thinking>A pufidax.</thinking>{"item_name": "pufidax"}'
 
 
+def test_the_type_weight_multiplies_the_loss_of_the_tokens_that_spell_the_type(policy):
+    import sft
+    conversation = [*CONVERSATION[:2], {"role": "assistant", "content": "<thinking>a scratch on the nut</thinking>"}]
+    batch = policy.encode([conversation])
+    weights = sft.type_weights(policy, batch, [{"anomaly_type": "scratch"}], 5.0)
+    assert set(weights.unique().tolist()) == {1.0, 5.0}
+    written = batch["assistant_mask"][0, 1:] == 1
+    heavy = batch["input_ids"][0, 1:][(weights[0] == 5) & written]
+    assert policy.tokenizer.decode(heavy).strip() == "scratch"        # the type, and only it, in the reply
+    with torch.no_grad():
+        plain, n = sft.assistant_loss(policy, batch)
+        weighted, n_weighted = sft.assistant_loss(policy, batch, weights)
+        logp, mask = policy.token_logprobs(batch)
+    type_loss = -(logp * mask)[weights == 5].sum()
+    assert type_loss > 0 and n == n_weighted
+    assert torch.allclose(weighted, plain + 4 * type_loss)
+
+
 def test_task_words_are_one_and_the_same_token_wherever_they_stand():
     """The type asked for in the task is the token the policy writes in its thinking, its tool
     calls and its prompts: copying it is then looking it up, not a learned association between a
@@ -582,6 +600,7 @@ def test_a_batch_the_ranks_cannot_split_evenly_is_refused(monkeypatch):
     (["--epochs", "0"], "--epochs must be above 0"),
     (["--lr", "nan"], "--lr must be above 0, not nan"),
     (["--warmup", "1.5"], "--warmup must be between 0 and 1"),
+    (["--type-weight", "0"], "--type-weight must be above 0"),
 ])
 def test_numeric_flags_are_checked_when_parsed(flags, message):
     import sft
