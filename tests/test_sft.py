@@ -542,8 +542,12 @@ def assert_same_training(out, reference):
         assert set(row) == set(want)
         for key in {"loss", "grad_norm", "val_loss"} & set(want):
             assert row[key] == pytest.approx(want[key], rel=1e-6), (row["step"], key)
+    # Adam's first steps move a weight with a near-zero gradient by about lr (1e-3) times its sign,
+    # so rounding in such a gradient shows as a few 1e-5 on single weights; a wrong loss scale or a
+    # missing rank would move the weights by about lr everywhere
     a, b = tools.VLMPolicy.load(out).model.state_dict(), tools.VLMPolicy.load(reference).model.state_dict()
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    differences = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert differences.max() <= 5e-5 and (differences > 1e-6).sum() <= 1e-4 * differences.numel()
 
 
 def test_sft_under_torchrun_makes_the_updates_of_one_process(trajectories, toy_root, tmp_path, one_process):
