@@ -194,15 +194,15 @@ def type_weights(policy, batch, records, weight):
     anomaly type, 1 elsewhere (only the assistant's count, by the mask). The type is the one word of
     a turn the task decides and the rest of the conversation cannot: a policy that guesses it pays
     for one token in hundreds, too little for next-token loss to make it read the task."""
-    ids = batch["input_ids"][:, 1:].tolist()
-    weights = torch.ones(len(ids), len(ids[0]))
-    for row, record in zip(range(len(ids)), records):
+    targets = batch["input_ids"][:, 1:].tolist()
+    weights = torch.ones(len(targets), len(targets[0]))
+    for row, (tokens, record) in enumerate(zip(targets, records)):
         word = record["anomaly_type"].replace("_", " ")
         for spelling in {tuple(policy.tokenizer(text, add_special_tokens=False)["input_ids"])
                          for text in (word, " " + word)}:
             n = len(spelling)
-            for t in range(len(ids[row]) - n + 1):
-                if tuple(ids[row][t:t + n]) == spelling:
+            for t in range(len(tokens) - n + 1):
+                if tuple(tokens[t:t + n]) == spelling:
                     weights[row, t:t + n] = weight
     return weights
 
@@ -431,8 +431,8 @@ def main(argv=None):
         mine = tools.shard(chosen)   # this rank's share of the batch
         groups = [mine[i:i + args.micro_batch] for i in range(0, len(mine), args.micro_batch)]
         batches = [policy.encode([r["messages"] for r in group]) for group in groups]
-        # the step's loss is a mean over all its assistant tokens, however they fall into
-        # micro-batches and ranks
+        # the step's loss is a mean over all its assistant tokens (each times its type weight),
+        # however they fall into micro-batches and ranks
         n_tokens = tools.all_reduce_sum(sum(int(b["assistant_mask"][:, 1:].sum()) for b in batches))
         step_loss = 0.0
         for k, batch in enumerate(batches):
@@ -440,8 +440,7 @@ def main(argv=None):
             # world size, the average of the ranks' shares is their sum
             with tools.data_parallel_pass(policy, model, sync=k == len(batches) - 1):
                 with autocast():
-                    loss, _ = assistant_loss(policy, batch, type_weights(policy, batch, groups[k], args.type_weight)
-                                             if args.type_weight != 1 else None)
+                    loss, _ = assistant_loss(policy, batch, type_weights(policy, batch, groups[k], args.type_weight))
                 (loss * tools.world_size() / n_tokens).backward()
             step_loss += loss.item() / n_tokens
         step_loss = tools.all_reduce_sum(step_loss)
