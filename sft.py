@@ -191,9 +191,7 @@ def assistant_loss(policy, batch, weights=None):
 
 def type_weights(policy, batch, records, weight):
     """Loss weights aligned with token_logprobs: `weight` on the tokens that spell each record's
-    anomaly type, 1 elsewhere (only the assistant's count, by the mask). The type is the one word of
-    a turn the task decides and the rest of the conversation cannot: a policy that guesses it pays
-    for one token in hundreds, too little for next-token loss to make it read the task."""
+    anomaly type, 1 elsewhere (only the assistant's count, by the mask; why: docs/METHOD.md 5)."""
     targets = batch["input_ids"][:, 1:].tolist()
     weights = torch.ones(len(targets), len(targets[0]))
     for row, (tokens, record) in enumerate(zip(targets, records)):
