@@ -102,7 +102,8 @@ def get_args(argv=None):
     optim.add_argument("--warmup-steps", type=int, default=4,
                        help="GRPO steps of linear lr warmup (Adam's first updates are full-lr sign steps)")
     optim.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range of rho")
-    optim.add_argument("--kl-coef", type=float, default=0.04, help="weight of the k3 KL to the SFT policy")
+    optim.add_argument("--kl-coef", type=float, default=None,
+                       help="weight of the k3 KL to the SFT policy (default: 0.04; models under 100M: 0.2, see README)")
     optim.add_argument("--ppo-epochs", type=int, default=2, help="passes over each replay buffer (paper: 2)")
     optim.add_argument("--minibatch", type=int, default=16, help="trajectories per optimizer step")
     optim.add_argument("--micro-batch", type=int, default=4, help="trajectories per forward pass")
@@ -136,7 +137,7 @@ def check_flags(args) -> None:
     for flag in ("temperature", "lr", "clip-eps", "grad-clip"):
         value = getattr(args, flag.replace("-", "_"))
         require(value is None or value > 0, flag, "above 0")
-    require(args.kl_coef >= 0, "kl-coef", "at least 0")
+    require(args.kl_coef is None or args.kl_coef >= 0, "kl-coef", "at least 0")
 
 
 # ---- the policy and its frozen reference --------------------------------------------------------
@@ -148,9 +149,13 @@ def load_models(args):
         raise tools.UserError(f"--policy {args.policy}: no SFT model there; run sft.py first")
     policy = tools.load_policy(args.policy, seed=args.seed, device=args.device, max_new_tokens=args.max_new_tokens)
     n_params = sum(p.numel() for p in policy.model.parameters())
-    small = n_params < 1e8   # the tiny policy: its sampling at 1.0 breaks too many turns to learn from
+    # the tiny policy: its sampling at 1.0 breaks too many turns to learn from, and at lr 3e-5 a weak
+    # pull to the SFT policy lets a few greedy episodes drift into broken turns
+    small = n_params < 1e8
     if args.temperature is None:
         args.temperature = 0.7 if small else 1.0
+    if args.kl_coef is None:
+        args.kl_coef = 0.2 if small else 0.04
     policy.temperature = args.temperature
     use_lora = policy.make_trainable(args.lora, args.lora_rank)
     if use_lora:

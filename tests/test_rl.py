@@ -159,6 +159,8 @@ def test_rl_smoke_and_ablation_flags(tiny_model_dir, toy_root, tmp_path):
     assert (out / "reward_curve.png").stat().st_size > 0 and (out / "run_config.json").exists()
     assert tools.VLMPolicy.load(out).model is not None
     assert [m["lr"] for m in metrics[1:]] == pytest.approx([3e-5 / 4, 3e-5 / 2])   # tiny lr, warming up
+    config = json.loads((out / "run_config.json").read_text())   # the tiny policy's defaults, resolved
+    assert (config["temperature"], config["kl_coef"]) == (0.7, 0.2)
     # each ablation is a flag: one step of each runs to the end and is recorded in the settings
     for name, flags, saved in [("task-only", ["--beta", "0", "--gamma", "0"], {"beta": 0.0, "gamma": 0.0}),
                                ("no-kr", ["--tools", "PG,IG,QE,MG"], {"tools": "PG,IG,QE,MG"}),
